@@ -1,0 +1,198 @@
+//! modehub: an edge gateway hub bridging a home's local devices to the MODE IoT cloud.
+//!
+//! Data flows one way each direction:
+//! adapters ([`broker`]) -> [`router`] -> [`outbox`] (SQLite) -> [`uplink`] -> MODE, and
+//! MODE -> [`uplink`] sessions -> [`downlink`] -> adapters. [`Hub::start`] wires the parts for a
+//! validated [`config::Config`] and returns a handle; dropping the handle's shutdown stops it.
+//! MODE's wire format lives in [`mode`], SQL in [`outbox`], and the cloud stand-in used by tests,
+//! benchmarks and the demo in [`emulator`].
+
+pub mod broker;
+pub mod config;
+pub mod demo;
+pub mod downlink;
+#[cfg(not(modehub_no_emulator))]
+pub mod emulator;
+pub mod metrics;
+pub mod mode;
+pub mod outbox;
+pub mod registry;
+pub mod router;
+pub mod uplink;
+
+use crate::broker::LocalBroker;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mode::mqtt::SessionConfig;
+use crate::outbox::{Notifier, Outbox};
+use crate::registry::Registry;
+use crate::router::{Clock, Router};
+use crate::uplink::{DeviceUplink, SessionState};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch, Notify};
+
+/// A running hub.
+pub struct Hub {
+    local_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    outbox: Outbox,
+    registry: Arc<Registry>,
+    sessions: Vec<watch::Receiver<SessionState>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    outbox_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Options that tests and tools set; production uses the defaults.
+#[derive(Clone)]
+pub struct StartOptions {
+    pub clock: Clock,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            clock: router::system_clock(),
+        }
+    }
+}
+
+impl Hub {
+    /// Opens the outbox, starts the local broker and one uplink per device.
+    pub async fn start(cfg: Config) -> anyhow::Result<Hub> {
+        Hub::start_with(cfg, StartOptions::default()).await
+    }
+
+    pub async fn start_with(cfg: Config, opts: StartOptions) -> anyhow::Result<Hub> {
+        let registry = Arc::new(Registry::from_config(&cfg));
+        let metrics = Arc::new(Metrics::default());
+        let notifies: Arc<HashMap<u64, Arc<Notify>>> = Arc::new(
+            registry
+                .iter()
+                .map(|d| (d.mode_id, Arc::new(Notify::new())))
+                .collect(),
+        );
+        let n = notifies.clone();
+        let notifier: Notifier = Arc::new(move |dev| {
+            if let Some(x) = n.get(&dev) {
+                x.notify_one();
+            }
+        });
+        let (outbox, outbox_thread) = Outbox::open(&cfg.hub.data_dir, false, notifier)?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let router = Router::new(
+            registry.clone(),
+            outbox.clone(),
+            metrics.clone(),
+            cfg.hub.max_payload_bytes,
+            opts.clock.clone(),
+        );
+        let (local_tx, local_rx) = mpsc::channel(1024);
+        let broker = LocalBroker::start(
+            &cfg.local.mqtt,
+            cfg.hub.max_payload_bytes,
+            registry.clone(),
+            router,
+            metrics.clone(),
+            local_tx,
+            shutdown_rx.clone(),
+        )
+        .await?;
+        let local_addr = broker.local_addr();
+        let (down_tx, down_rx) = mpsc::channel(1024);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(downlink::run(
+            registry.clone(),
+            broker,
+            local_rx,
+            down_rx,
+            shutdown_rx.clone(),
+        )));
+        let endpoint = cfg
+            .cloud
+            .mqtt_endpoint()
+            .map_err(|e| anyhow::anyhow!("cloud.mqtt_url: {e}"))?;
+        let session = SessionConfig {
+            endpoint,
+            keepalive: cfg.cloud.keepalive(),
+            inflight: cfg.cloud.max_inflight,
+            max_packet: cfg.hub.max_payload_bytes + 4096,
+        };
+        let stamping = mode::Stamping {
+            seq_field: cfg.cloud.seq_field.clone(),
+            captured_at_field: cfg.cloud.captured_at_field.clone(),
+        };
+        let mut sessions = Vec::new();
+        for d in registry.iter() {
+            let (state, state_rx) = watch::channel(SessionState::Connecting);
+            sessions.push(state_rx);
+            let up = DeviceUplink {
+                device: d.clone(),
+                outbox: outbox.clone(),
+                session: session.clone(),
+                stamping: stamping.clone(),
+                notify: notifies[&d.mode_id].clone(),
+                downstream: down_tx.clone(),
+                metrics: metrics.clone(),
+                state,
+                shutdown: shutdown_rx.clone(),
+            };
+            tasks.push(tokio::spawn(up.run()));
+        }
+        tracing::info!(
+            devices = registry.len(),
+            local = %local_addr,
+            data_dir = %cfg.hub.data_dir.display(),
+            "modehub started"
+        );
+        Ok(Hub {
+            local_addr,
+            metrics,
+            outbox,
+            registry,
+            sessions,
+            shutdown,
+            tasks,
+            outbox_thread: Some(outbox_thread),
+        })
+    }
+
+    /// Where local sensors connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Upstream session state of each device, in registry order.
+    pub fn session_states(&self) -> Vec<SessionState> {
+        self.sessions.iter().map(|s| s.borrow().clone()).collect()
+    }
+
+    /// Stops accepting, closes sessions, and waits for the outbox's last commit.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), t).await;
+        }
+        let thread = self.outbox_thread.take();
+        drop(self);
+        if let Some(t) = thread {
+            // The writer ends when the last outbox handle is gone; local relay tasks may still
+            // hold one for a moment, so wait off the async runtime.
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! The `modehub` command line: run the hub, check a config, run the MODE emulator, or a demo.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use modehub::config::{Config, ConfigError};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "modehub", version, about = "Edge gateway hub: local MQTT and serial sensors to the MODE cloud", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the hub (the systemd service runs this).
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/modehub/config.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print every problem found, with where and how to fix it.
+    CheckConfig {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/modehub/config.toml")]
+        config: PathBuf,
+    },
+    /// Run the MODE cloud emulator on its own (for tests and trying things out).
+    Emulator(modehub::emulator::EmulatorArgs),
+    /// Run emulator + hub + a simulated sensor in one process, printing what travels.
+    Demo(modehub::demo::DemoArgs),
+}
+
+fn init_logging(filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // Under systemd, journald adds its own timestamps and does not render colours.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if journald {
+        builder.with_ansi(false).without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        if matches!(e, ConfigError::Invalid { .. }) {
+            eprintln!("(run `modehub check-config --config {}` after fixing)", path.display());
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::CheckConfig { config } => return check_config(&config),
+        Cmd::Run { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&cfg.hub.log);
+            rt.block_on(run(cfg))
+        }
+        Cmd::Emulator(args) => {
+            init_logging("info");
+            rt.block_on(modehub::emulator::run_cli(args))
+        }
+        Cmd::Demo(args) => {
+            init_logging("warn");
+            rt.block_on(modehub::demo::run(args))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            println!("{}: OK", path.display());
+            println!("  data_dir:   {}", cfg.hub.data_dir.display());
+            println!("  local MQTT: {}", cfg.local.mqtt.listen);
+            println!("  MODE MQTT:  {}", cfg.cloud.mqtt_url);
+            println!("  devices:    {}", cfg.devices.len());
+            for d in &cfg.devices {
+                let home = d.home_id.map(|h| h.to_string()).unwrap_or_else(|| "-".into());
+                println!(
+                    "    {:<24} mode_id {:<10} home {:<8} local login: {}",
+                    d.name,
+                    d.mode_id,
+                    home,
+                    if d.local_password.is_some() { "name or MODE id" } else { "MODE id + API key" }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let hub = modehub::Hub::start(cfg).await.context("starting the hub")?;
+    wait_for_stop().await;
+    tracing::info!("stopping: finishing the current commit and closing sessions");
+    hub.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Counters the hub keeps about itself: what came in, what went out, what was dropped and why.
+//!
+//! Plain atomics, cheap enough for the hot path; `ops` renders them for Prometheus and status.
+//! This module must not log, allocate per message, or know about transports.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a local message was refused. The label is the Prometheus `reason` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    TooLarge = 0,
+    NotJson,
+    NotAnObject,
+    MissingEventType,
+    EventDataNotObject,
+    InvalidKvKey,
+    InvalidKvAction,
+    UnknownDevice,
+    NotOwnTopic,
+    AuthFailed,
+    StorageUnavailable,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 11] = [
+        RejectReason::TooLarge,
+        RejectReason::NotJson,
+        RejectReason::NotAnObject,
+        RejectReason::MissingEventType,
+        RejectReason::EventDataNotObject,
+        RejectReason::InvalidKvKey,
+        RejectReason::InvalidKvAction,
+        RejectReason::UnknownDevice,
+        RejectReason::NotOwnTopic,
+        RejectReason::AuthFailed,
+        RejectReason::StorageUnavailable,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectReason::TooLarge => "too_large",
+            RejectReason::NotJson => "not_json",
+            RejectReason::NotAnObject => "not_an_object",
+            RejectReason::MissingEventType => "missing_event_type",
+            RejectReason::EventDataNotObject => "event_data_not_object",
+            RejectReason::InvalidKvKey => "invalid_kv_key",
+            RejectReason::InvalidKvAction => "invalid_kv_action",
+            RejectReason::UnknownDevice => "unknown_device",
+            RejectReason::NotOwnTopic => "not_own_topic",
+            RejectReason::AuthFailed => "auth_failed",
+            RejectReason::StorageUnavailable => "storage_unavailable",
+        }
+    }
+}
+
+/// Hub-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Local messages accepted into the outbox.
+    pub accepted: AtomicU64,
+    /// Messages MODE acknowledged.
+    pub delivered: AtomicU64,
+    rejected: [AtomicU64; 11],
+    /// Upstream (re)connect attempts and successes.
+    pub upstream_connects: AtomicU64,
+    pub upstream_connect_failures: AtomicU64,
+    /// Local MQTT connections accepted after authentication.
+    pub local_connections: AtomicU64,
+    /// Commands received from MODE and delivered down.
+    pub commands_received: AtomicU64,
+}
+
+impl Metrics {
+    pub fn reject(&self, r: RejectReason) {
+        self.rejected[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn rejected(&self, r: RejectReason) -> u64 {
+        self.rejected[r as usize].load(Relaxed)
+    }
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}

@@ -14,6 +14,7 @@
 //! an in-process link. This module must not validate payloads (the router does) or know MODE.
 
 use crate::config::LocalMqttConfig;
+use crate::downlink::{next_conn_id, LocalEvent};
 use crate::metrics::{Metrics, RejectReason};
 use crate::registry::{DeviceId, Registry, TopicKind};
 use crate::router::Router;
@@ -36,15 +37,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::codec::Framed;
 
-/// What the front tells the rest of the hub about local devices.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalEvent {
-    Connected(DeviceId),
-    Disconnected(DeviceId),
-    /// The device's subscription to its command or kv topic is active.
-    Subscribed(DeviceId, TopicKind),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr} for local MQTT: {source}. Is another broker (mosquitto?) using the port? Change [local.mqtt] listen or stop it.")]
@@ -62,8 +54,10 @@ pub struct LocalBroker {
     link: Arc<Mutex<rumqttd::local::LinkTx>>,
 }
 
-/// Largest MQTT packet beyond the payload limit (topic, headers).
-const PACKET_OVERHEAD: usize = 1024;
+/// Slack above the payload limit for a local packet: payloads up to this much over the limit are
+/// read, refused and counted by the router (the device stays connected); larger packets cannot
+/// be skipped in an MQTT stream, so the device is disconnected (also counted).
+const PACKET_OVERHEAD: usize = 64 * 1024;
 /// Most PUBACKs one connection may have waiting for a commit before we stop reading it.
 const MAX_PENDING_ACKS: usize = 256;
 
@@ -266,6 +260,18 @@ async fn accept_loop(
 
 type AckFuture = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
 
+/// Sends the PUBACKs of everything already committed (best effort: the client may be gone).
+async fn flush_acks(acks: &mut FuturesOrdered<AckFuture>, client: &mut Framed<TcpStream, Codec>) {
+    while let Some((pkid, ok)) = acks.next().await {
+        if !ok {
+            return;
+        }
+        if client.send(Packet::PubAck(PubAck::new(pkid))).await.is_err() {
+            return;
+        }
+    }
+}
+
 impl Front {
     fn codec(&self) -> Codec {
         Codec {
@@ -331,10 +337,11 @@ impl Front {
             .map_err(|e| e.to_string())?;
         self.metrics.local_connections.fetch_add(1, Relaxed);
         tracing::info!(device = %name, %peer, "local device connected");
-        let _ = self.events.send(LocalEvent::Connected(dev)).await;
-        let r = self.relay(dev, &mut client, &mut broker).await;
+        let conn = next_conn_id();
+        let _ = self.events.send(LocalEvent::Connected(dev, conn)).await;
+        let r = self.relay(dev, conn, &mut client, &mut broker).await;
         tracing::info!(device = %name, %peer, reason = %r.as_ref().err().map(String::as_str).unwrap_or("disconnect"), "local device disconnected");
-        let _ = self.events.send(LocalEvent::Disconnected(dev)).await;
+        let _ = self.events.send(LocalEvent::Disconnected(dev, conn)).await;
         r
     }
 
@@ -364,6 +371,7 @@ impl Front {
     async fn relay(
         &self,
         dev: DeviceId,
+        conn: u64,
         client: &mut Framed<TcpStream, Codec>,
         broker: &mut Framed<TcpStream, Codec>,
     ) -> Result<(), String> {
@@ -374,18 +382,27 @@ impl Front {
             tokio::select! {
                 pkt = client.next(), if acks.len() < MAX_PENDING_ACKS => {
                     let pkt = match pkt {
-                        None => return Ok(()),
-                        Some(Err(e)) => return Err(format!("bad packet from device: {e}")),
+                        None => {
+                            flush_acks(&mut acks, client).await;
+                            return Ok(());
+                        }
+                        Some(Err(e)) => {
+                            if matches!(e, rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) {
+                                self.metrics.reject(RejectReason::TooLarge);
+                                tracing::warn!(device = %self.registry.get(dev).name, "device sent an MQTT packet far over hub.max_payload_bytes; disconnecting it");
+                            }
+                            // What was committed before the bad packet still gets its PUBACK.
+                            flush_acks(&mut acks, client).await;
+                            return Err(format!("bad packet from device: {e}"));
+                        }
                         Some(Ok(p)) => p,
                     };
                     match pkt {
-                        Packet::Publish(p) => self.publish(dev, p, &mut acks, client, broker).await?,
+                        Packet::Publish(p) => self.publish(dev, p, &mut acks, broker).await?,
                         Packet::Subscribe(s) => self.subscribe(dev, s, &mut pending_subs, client, broker).await?,
                         Packet::Disconnect => {
                             // Let queued commits finish so their PUBACKs are not lost.
-                            while let Some((pkid, ok)) = acks.next().await {
-                                if ok { let _ = client.send(Packet::PubAck(PubAck::new(pkid))).await; }
-                            }
+                            flush_acks(&mut acks, client).await;
                             let _ = broker.send(Packet::Disconnect).await;
                             return Ok(());
                         }
@@ -409,7 +426,7 @@ impl Front {
                     let pkt = match pkt {
                         Packet::SubAck(ack) => match pending_subs.remove(&ack.pkid) {
                             Some(mask) => {
-                                let merged = self.merge_suback(dev, ack, &mask).await;
+                                let merged = self.merge_suback(dev, conn, ack, &mask).await;
                                 Packet::SubAck(merged)
                             }
                             None => Packet::SubAck(ack),
@@ -427,7 +444,6 @@ impl Front {
         dev: DeviceId,
         p: rumqttc::mqttbytes::v4::Publish,
         acks: &mut FuturesOrdered<AckFuture>,
-        client: &mut Framed<TcpStream, Codec>,
         broker: &mut Framed<TcpStream, Codec>,
     ) -> Result<(), String> {
         if p.qos == QoS::ExactlyOnce {
@@ -473,7 +489,6 @@ impl Front {
             }
             Err(_) => {}
         }
-        let _ = client;
         Ok(())
     }
 
@@ -519,7 +534,13 @@ impl Front {
     }
 
     /// Puts the refusals back in place among rumqttd's answers and reports active subscriptions.
-    async fn merge_suback(&self, dev: DeviceId, ack: SubAck, mask: &[Option<TopicKind>]) -> SubAck {
+    async fn merge_suback(
+        &self,
+        dev: DeviceId,
+        conn: u64,
+        ack: SubAck,
+        mask: &[Option<TopicKind>],
+    ) -> SubAck {
         let mut inner = ack.return_codes.into_iter();
         let mut codes = Vec::with_capacity(mask.len());
         for m in mask {
@@ -530,7 +551,7 @@ impl Front {
                     if !matches!(code, SubscribeReasonCode::Failure)
                         && matches!(kind, TopicKind::Command | TopicKind::Kv)
                     {
-                        let _ = self.events.send(LocalEvent::Subscribed(dev, *kind)).await;
+                        let _ = self.events.send(LocalEvent::Subscribed(dev, conn, *kind)).await;
                     }
                     codes.push(code);
                 }

@@ -58,6 +58,85 @@ pub struct Config {
     pub cloud: CloudConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
+    #[serde(default, rename = "serial")]
+    pub serial: Vec<SerialConfig>,
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+/// Flow control of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    #[default]
+    None,
+    Software,
+    Hardware,
+}
+
+/// How the hub writes commands and DDP changes to a serial port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LineFormat {
+    #[default]
+    Json,
+    Compact,
+}
+
+/// One serial port carrying one or more devices (`[[serial]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Device path; stable `/dev/serial/by-id/...` paths recommended.
+    pub port: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    #[serde(default)]
+    pub flow_control: FlowControl,
+    /// Names of `[[device]]`s that may speak on this port.
+    pub devices: Vec<String>,
+    /// Longest accepted line, bytes (without the newline).
+    #[serde(default = "default_max_line")]
+    pub max_line_bytes: usize,
+    /// Refuse lines without a valid `*XX` checksum.
+    #[serde(default)]
+    pub require_checksum: bool,
+    /// Form of the lines the hub writes down.
+    #[serde(default)]
+    pub downlink_format: LineFormat,
+    /// Lines waiting to be written before new ones are dropped (a sensor that stopped reading).
+    #[serde(default = "default_write_queue")]
+    pub write_queue: usize,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_max_line() -> usize {
+    1024
+}
+fn default_write_queue() -> usize {
+    64
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,7 +337,23 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 
 /// The keys each table may hold; used for unknown-key errors with a "did you mean" hint.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("", &["hub", "local", "cloud", "device"]),
+    ("", &["hub", "local", "cloud", "device", "serial"]),
+    (
+        "serial",
+        &[
+            "port",
+            "baud",
+            "data_bits",
+            "parity",
+            "stop_bits",
+            "flow_control",
+            "devices",
+            "max_line_bytes",
+            "require_checksum",
+            "downlink_format",
+            "write_queue",
+        ],
+    ),
     ("hub", &["data_dir", "max_payload_bytes", "log"]),
     ("local", &["mqtt"]),
     ("local.mqtt", &["listen", "max_connections"]),
@@ -490,6 +585,7 @@ impl Config {
             }]
         })?;
         cfg.validate(src, base, &mut problems);
+        cfg.validate_serial(src, &mut problems);
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -639,6 +735,87 @@ impl Config {
                 }
             }
         }
+    }
+
+    fn validate_serial(&self, src: &str, problems: &mut Vec<Problem>) {
+        let mut owner: std::collections::HashMap<&str, usize> = Default::default();
+        let mut ports: std::collections::HashMap<&Path, usize> = Default::default();
+        for (i, s) in self.serial.iter().enumerate() {
+            let table = format!("serial[{i}]");
+            let mut push = |key: &str, what: String, fix: String| {
+                problems.push(Problem {
+                    key: display_path(&table, key),
+                    line: find_line(src, &table, key),
+                    what,
+                    fix,
+                })
+            };
+            if s.port.as_os_str().is_empty() {
+                push("port", "port is empty".into(), "set the device path, e.g. /dev/ttyUSB0".into());
+            } else if let Some(prev) = ports.insert(&s.port, i) {
+                push(
+                    "port",
+                    format!("port {} is already used by serial[{prev}]", s.port.display()),
+                    "list every device of one port in one [[serial]] table".into(),
+                );
+            }
+            if s.baud == 0 || s.baud > 4_000_000 {
+                push("baud", format!("{} is not a baud rate", s.baud), "use e.g. 9600 or 115200".into());
+            }
+            if !(5..=8).contains(&s.data_bits) {
+                push("data_bits", format!("{} data bits", s.data_bits), "use 5, 6, 7 or 8".into());
+            }
+            if !(1..=2).contains(&s.stop_bits) {
+                push("stop_bits", format!("{} stop bits", s.stop_bits), "use 1 or 2".into());
+            }
+            if !(16..=65536).contains(&s.max_line_bytes) {
+                push(
+                    "max_line_bytes",
+                    format!("{} is out of range", s.max_line_bytes),
+                    "use 16..=65536 (default 1024)".into(),
+                );
+            }
+            if s.write_queue == 0 || s.write_queue > 10_000 {
+                push(
+                    "write_queue",
+                    format!("{} is out of range", s.write_queue),
+                    "use 1..=10000 (default 64)".into(),
+                );
+            }
+            if s.devices.is_empty() {
+                push(
+                    "devices",
+                    "no devices listed".into(),
+                    "name the [[device]]s that speak on this port".into(),
+                );
+            }
+            for name in &s.devices {
+                if !self.devices.iter().any(|d| &d.name == name) {
+                    let names: Vec<&str> = self.devices.iter().map(|d| d.name.as_str()).collect();
+                    let hint = did_you_mean(name, &names)
+                        .map(|n| format!("did you mean `{n}`? "))
+                        .unwrap_or_default();
+                    push(
+                        "devices",
+                        format!("`{name}` is not a configured [[device]] name"),
+                        format!("{hint}add a [[device]] named `{name}` or fix the name"),
+                    );
+                } else if let Some(prev) = owner.insert(name.as_str(), i) {
+                    push(
+                        "devices",
+                        format!("device `{name}` is already on serial[{prev}]"),
+                        "a device speaks on one port only".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The serial port (index into `serial`) a device speaks on, if any.
+    pub fn serial_port_of(&self, name: &str) -> Option<usize> {
+        self.serial
+            .iter()
+            .position(|s| s.devices.iter().any(|d| d == name))
     }
 
     /// The database file.

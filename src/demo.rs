@@ -140,7 +140,7 @@ local_password = "demo"
         if tick % 6 == 0 {
             let v = serde_json::json!(tick);
             println!("  cloud -> DDP set threshold = {v}");
-            cloud.set_kv(DEVICE_ID, "threshold", v);
+            let _ = cloud.set_kv(DEVICE_ID, "threshold", v);
         }
     }
     hub.shutdown().await;

@@ -1,14 +1,55 @@
 //! The downlink: routes what MODE sends each device to the local adapter that owns it.
 //!
 //! It receives commands and DDP messages from the uplink sessions and presence events from the
-//! local front, and publishes to the device's local topics through the embedded broker. It must
-//! not talk to MODE or parse event payloads.
+//! local adapters (MQTT front, serial ports). A command for a device that is not listening locally
+//! waits in the outbox database (bounded per device, with expiry) and is delivered in order when
+//! the device subscribes. DDP messages update the hub's local mirror of each device's store,
+//! and a device that subscribes to its kv topic gets a full `reload` from that mirror, also while
+//! MODE is unreachable. It must not talk to MODE or parse event payloads.
 
-use crate::broker::{LocalBroker, LocalEvent};
-use crate::registry::Registry;
+use crate::broker::LocalBroker;
+use crate::registry::{DeviceId, Registry, TopicKind};
 use crate::uplink::Downstream;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
+
+/// Identifies one local connection (an MQTT client or an open serial port).
+pub type ConnId = u64;
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// A new, unique connection id.
+pub fn next_conn_id() -> ConnId {
+    NEXT_CONN.fetch_add(1, Relaxed)
+}
+
+/// What adapters tell the downlink about local devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalEvent {
+    Connected(DeviceId, ConnId),
+    Disconnected(DeviceId, ConnId),
+    /// The connection's subscription to the device's command or kv topic is active.
+    Subscribed(DeviceId, ConnId, TopicKind),
+}
+
+/// What goes down to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownKind {
+    /// `{"action": ..., "parameters": {...}}`, MODE's JSON unchanged.
+    Command,
+    /// A DDP message `{"action":"reload"|"set"|"delete", "rev": ..., ...}` (MODE's JSON).
+    Kv,
+}
+
+/// A message for one device, handed to the adapter that owns it.
+#[derive(Debug, Clone)]
+pub struct DownMsg {
+    pub dev: DeviceId,
+    pub kind: DownKind,
+    pub payload: Bytes,
+}
 
 pub async fn run(
     registry: Arc<Registry>,

@@ -18,6 +18,7 @@ pub mod mode;
 pub mod outbox;
 pub mod registry;
 pub mod router;
+pub mod serial;
 pub mod uplink;
 
 use crate::broker::LocalBroker;

@@ -124,7 +124,7 @@ impl Sensor {
     }
 
     /// Publishes each payload at QoS 1 to `topic` and waits until all are PUBACKed.
-    pub async fn publish_all(&mut self, topic: &str, payloads: Vec<String>) {
+    pub async fn publish_all<P: Into<Vec<u8>>>(&mut self, topic: &str, payloads: Vec<P>) {
         let n = payloads.len();
         for p in payloads {
             self.client

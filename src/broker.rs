@@ -138,15 +138,30 @@ fn start_rumqttd(
     Ok((internal, link_tx))
 }
 
-async fn wait_until_listening(addr: SocketAddr) -> Result<(), BrokerError> {
+/// Waits until rumqttd answers a CONNECT (a bare TCP probe would make it log an error).
+async fn wait_until_listening(addr: SocketAddr, login: &Login) -> Result<(), BrokerError> {
+    let codec = Codec {
+        max_incoming_size: 4096,
+        max_outgoing_size: 4096,
+    };
     for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
+        if let Ok(stream) = TcpStream::connect(addr).await {
+            let mut probe = Framed::new(stream, codec.clone());
+            let mut connect = Connect::new(format!("probe-{}", random_token()));
+            connect.login = Some(login.clone());
+            if probe.send(Packet::Connect(connect)).await.is_ok() {
+                if let Ok(Some(Ok(Packet::ConnAck(_)))) =
+                    tokio::time::timeout(Duration::from_secs(2), probe.next()).await
+                {
+                    let _ = probe.send(Packet::Disconnect).await;
+                    return Ok(());
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Err(BrokerError::Embedded(format!(
-        "rumqttd did not listen on {addr} within 2 s"
+        "rumqttd did not answer on {addr} within 2 s"
     )))
 }
 
@@ -175,13 +190,14 @@ impl LocalBroker {
         let user = format!("modehub-{}", random_token());
         let pass = random_token();
         let (internal, link) = start_rumqttd(cfg.max_connections, max_packet, &user, &pass)?;
-        wait_until_listening(internal).await?;
+        let internal_login = Login::new(user, pass);
+        wait_until_listening(internal, &internal_login).await?;
         let front = Arc::new(Front {
             registry,
             router,
             metrics,
             internal,
-            internal_login: Login::new(user, pass),
+            internal_login,
             max_packet,
             events,
             conn_seq: AtomicU64::new(0),

@@ -143,6 +143,8 @@ local_password = "demo"
             let _ = cloud.set_kv(DEVICE_ID, "threshold", v);
         }
     }
+    let _ = sensor.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     hub.shutdown().await;
     emulator.shutdown().await;
     Ok(())

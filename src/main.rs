@@ -35,7 +35,14 @@ enum Cmd {
 
 fn init_logging(filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // rumqttd logs routine client disconnects at ERROR; keep it quiet unless asked for.
+    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let wanted = if wanted.contains("rumqttd") {
+        wanted
+    } else {
+        format!("{wanted},rumqttd=off")
+    };
+    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
     // Under systemd, journald adds its own timestamps and does not render colours.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()

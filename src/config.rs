@@ -56,6 +56,8 @@ pub struct Config {
     pub local: LocalConfig,
     #[serde(default)]
     pub cloud: CloudConfig,
+    #[serde(default)]
+    pub ops: OpsConfig,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
     #[serde(default, rename = "serial")]
@@ -148,6 +150,30 @@ pub struct HubConfig {
     pub max_payload_bytes: usize,
     /// `RUST_LOG`-style log filter, used when `RUST_LOG` is not set.
     pub log: String,
+    /// Commands waiting for a device that is away, per device (oldest dropped first).
+    pub max_pending_commands: usize,
+    /// A waiting command older than this is dropped, never delivered late.
+    pub command_ttl_secs: u64,
+    /// Longest accepted DDP key.
+    pub kv_max_key_len: usize,
+    /// Outbox bound in bytes of payload; when full the oldest *events* are dropped.
+    pub max_outbox_bytes: u64,
+    /// Outbox bound in rows.
+    pub max_outbox_rows: u64,
+    /// Stop accepting new events when the data directory's file system has less free space.
+    pub min_free_disk: u64,
+    /// `"normal"`: a crash loses nothing acknowledged (SQLite WAL, synchronous=NORMAL);
+    /// `"full"`: also survives power cuts (an fsync per group commit).
+    pub durability: Durability,
+}
+
+/// How hard the outbox works to survive power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    #[default]
+    Normal,
+    Full,
 }
 
 impl Default for HubConfig {
@@ -156,8 +182,57 @@ impl Default for HubConfig {
             data_dir: PathBuf::from("/var/lib/modehub"),
             max_payload_bytes: 64 * 1024,
             log: "info".into(),
+            max_pending_commands: 100,
+            command_ttl_secs: 600,
+            kv_max_key_len: 128,
+            max_outbox_bytes: 256 * 1024 * 1024,
+            max_outbox_rows: 2_000_000,
+            min_free_disk: 64 * 1024 * 1024,
+            durability: Durability::Normal,
         }
     }
+}
+
+/// Health, metrics and status endpoint (`[ops]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Local HTTP endpoint for /healthz and /metrics; "off" disables it.
+    pub listen: String,
+    /// /healthz turns 503 when a backlog exists, sessions are up, and MODE has acknowledged
+    /// nothing for this long ("connected but not draining").
+    pub stall_after_secs: u64,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        OpsConfig {
+            listen: "127.0.0.1:9464".into(),
+            stall_after_secs: 300,
+        }
+    }
+}
+
+impl OpsConfig {
+    /// The endpoint address, or `None` when switched off.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        if self.listen == "off" {
+            None
+        } else {
+            self.listen.parse().ok()
+        }
+    }
+}
+
+/// How the hub talks to MODE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Device MQTT (one session per device).
+    #[default]
+    Mqtt,
+    /// HTTPS only: REST for events and kv, a WebSocket for commands.
+    Rest,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -190,6 +265,13 @@ pub struct CloudConfig {
     pub api_url: String,
     pub mqtt_url: String,
     pub project_key_file: Option<PathBuf>,
+    pub transport: Transport,
+    /// How often the home watcher reads each home's state (needs project_key_file).
+    pub home_poll_interval_secs: u64,
+    /// Pace per device (MODE allows about 600 a minute).
+    pub max_messages_per_minute: u32,
+    /// Pace for the whole hub (MODE allows a project about 6,000 a minute).
+    pub max_project_messages_per_minute: u32,
     /// Unacknowledged QoS 1 publishes per device session.
     pub max_inflight: usize,
     /// MQTT keepalive towards MODE, seconds.
@@ -206,6 +288,10 @@ impl Default for CloudConfig {
             api_url: "https://api.tinkermode.com".into(),
             mqtt_url: "mqtts://mqtt.tinkermode.com:8883".into(),
             project_key_file: None,
+            transport: Transport::Mqtt,
+            home_poll_interval_secs: 60,
+            max_messages_per_minute: 540,
+            max_project_messages_per_minute: 5400,
             max_inflight: 32,
             keepalive_secs: 30,
             seq_field: "_seq".into(),
@@ -337,7 +423,8 @@ fn render_problems(path: &Path, problems: &[Problem]) -> String {
 
 /// The keys each table may hold; used for unknown-key errors with a "did you mean" hint.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("", &["hub", "local", "cloud", "device", "serial"]),
+    ("", &["hub", "local", "cloud", "ops", "device", "serial"]),
+    ("ops", &["listen", "stall_after_secs"]),
     (
         "serial",
         &[
@@ -354,7 +441,21 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "write_queue",
         ],
     ),
-    ("hub", &["data_dir", "max_payload_bytes", "log"]),
+    (
+        "hub",
+        &[
+            "data_dir",
+            "max_payload_bytes",
+            "log",
+            "max_pending_commands",
+            "command_ttl_secs",
+            "kv_max_key_len",
+            "max_outbox_bytes",
+            "max_outbox_rows",
+            "min_free_disk",
+            "durability",
+        ],
+    ),
     ("local", &["mqtt"]),
     ("local.mqtt", &["listen", "max_connections"]),
     (
@@ -363,6 +464,10 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "api_url",
             "mqtt_url",
             "project_key_file",
+            "transport",
+            "home_poll_interval_secs",
+            "max_messages_per_minute",
+            "max_project_messages_per_minute",
             "max_inflight",
             "keepalive_secs",
             "seq_field",
@@ -635,6 +740,62 @@ impl Config {
                 "use https://api.tinkermode.com".into(),
             ),
         }
+        if self.ops.listen != "off" && self.ops.listen.parse::<SocketAddr>().is_err() {
+            push(
+                "ops",
+                "listen",
+                format!("`{}` is not an address", self.ops.listen),
+                "use e.g. \"127.0.0.1:9464\", or \"off\"".into(),
+            );
+        }
+        if self.hub.max_pending_commands == 0 || self.hub.max_pending_commands > 100_000 {
+            push(
+                "hub",
+                "max_pending_commands",
+                format!("{} is out of range", self.hub.max_pending_commands),
+                "use 1..=100000 (default 100)".into(),
+            );
+        }
+        if !(1..=1024).contains(&self.hub.kv_max_key_len) {
+            push(
+                "hub",
+                "kv_max_key_len",
+                format!("{} is out of range", self.hub.kv_max_key_len),
+                "use 1..=1024 (default 128)".into(),
+            );
+        }
+        if self.hub.max_outbox_bytes < 1024 * 1024 {
+            push(
+                "hub",
+                "max_outbox_bytes",
+                format!("{} is too small", self.hub.max_outbox_bytes),
+                "use at least 1048576 (default 268435456 = 256 MiB)".into(),
+            );
+        }
+        if self.hub.max_outbox_rows < 100 {
+            push(
+                "hub",
+                "max_outbox_rows",
+                format!("{} is too small", self.hub.max_outbox_rows),
+                "use at least 100".into(),
+            );
+        }
+        if self.cloud.max_messages_per_minute == 0 || self.cloud.max_project_messages_per_minute == 0 {
+            push(
+                "cloud",
+                "max_messages_per_minute",
+                "message rates must be above 0".into(),
+                "use the defaults (540 per device, 5400 per hub) or your plan's limits".into(),
+            );
+        }
+        if self.cloud.home_poll_interval_secs < 5 {
+            push(
+                "cloud",
+                "home_poll_interval_secs",
+                format!("{} s polls MODE too often", self.cloud.home_poll_interval_secs),
+                "use 5 or more (default 60)".into(),
+            );
+        }
         if self.cloud.max_inflight == 0 || self.cloud.max_inflight > 1000 {
             push(
                 "cloud",
@@ -875,12 +1036,12 @@ local_password = "s3cret"
         let src = GOOD.replace("listen =", "lisen =").replace("home_id", "homeid");
         let problems = Config::parse(&src, Path::new(".")).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert_eq!(problems[0].key, "local.mqtt.lisen");
-        assert!(problems[0].fix.contains("did you mean `listen`"));
-        assert_eq!(problems[0].line, Some(6));
-        assert_eq!(problems[1].key, "device[0].homeid");
-        assert!(problems[1].fix.contains("`home_id`"));
-        assert_eq!(problems[1].line, Some(14));
+        let lisen = problems.iter().find(|p| p.key == "local.mqtt.lisen").unwrap();
+        assert!(lisen.fix.contains("did you mean `listen`"));
+        assert_eq!(lisen.line, Some(6));
+        let homeid = problems.iter().find(|p| p.key == "device[0].homeid").unwrap();
+        assert!(homeid.fix.contains("`home_id`"));
+        assert_eq!(homeid.line, Some(14));
     }
 
     #[test]

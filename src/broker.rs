@@ -282,7 +282,11 @@ async fn flush_acks(acks: &mut FuturesOrdered<AckFuture>, client: &mut Framed<Tc
         if !ok {
             return;
         }
-        if client.send(Packet::PubAck(PubAck::new(pkid))).await.is_err() {
+        if client
+            .send(Packet::PubAck(PubAck::new(pkid)))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -305,13 +309,16 @@ impl Front {
             Ok(None) => return Err("closed before CONNECT".into()),
             Err(_) => return Err("no CONNECT within 10 s".into()),
         };
-        let Some(dev) = connect
-            .login
-            .as_ref()
-            .and_then(|l| self.registry.authenticate(&l.username, l.password.as_bytes()))
-        else {
+        let Some(dev) = connect.login.as_ref().and_then(|l| {
+            self.registry
+                .authenticate(&l.username, l.password.as_bytes())
+        }) else {
             self.metrics.reject(RejectReason::AuthFailed);
-            let user = connect.login.as_ref().map(|l| l.username.as_str()).unwrap_or("");
+            let user = connect
+                .login
+                .as_ref()
+                .map(|l| l.username.as_str())
+                .unwrap_or("");
             tracing::warn!(%peer, username = %user, "local MQTT login refused: unknown user or wrong password");
             let _ = client
                 .send(Packet::ConnAck(ConnAck::new(
@@ -567,7 +574,10 @@ impl Front {
                     if !matches!(code, SubscribeReasonCode::Failure)
                         && matches!(kind, TopicKind::Command | TopicKind::Kv)
                     {
-                        let _ = self.events.send(LocalEvent::Subscribed(dev, conn, *kind)).await;
+                        let _ = self
+                            .events
+                            .send(LocalEvent::Subscribed(dev, conn, *kind))
+                            .await;
                     }
                     codes.push(code);
                 }

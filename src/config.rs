@@ -31,7 +31,10 @@ impl Secret {
         if a.len() != candidate.len() {
             return false;
         }
-        a.iter().zip(candidate).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        a.iter()
+            .zip(candidate)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
     }
 }
 
@@ -361,7 +364,10 @@ impl fmt::Debug for DeviceConfig {
             .field("home_id", &self.home_id)
             .field("api_key", &self.api_key.as_ref().map(|_| "***"))
             .field("api_key_file", &self.api_key_file)
-            .field("local_password", &self.local_password.as_ref().map(|_| "***"))
+            .field(
+                "local_password",
+                &self.local_password.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -658,11 +664,12 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&src, path.parent().unwrap_or(Path::new(".")))
-            .map_err(|problems| ConfigError::Invalid {
+        Config::parse(&src, path.parent().unwrap_or(Path::new("."))).map_err(|problems| {
+            ConfigError::Invalid {
                 path: path.to_path_buf(),
                 problems,
-            })
+            }
+        })
     }
 
     /// Parses and validates config text; relative key-file paths are resolved against `base`.
@@ -780,7 +787,9 @@ impl Config {
                 "use at least 100".into(),
             );
         }
-        if self.cloud.max_messages_per_minute == 0 || self.cloud.max_project_messages_per_minute == 0 {
+        if self.cloud.max_messages_per_minute == 0
+            || self.cloud.max_project_messages_per_minute == 0
+        {
             push(
                 "cloud",
                 "max_messages_per_minute",
@@ -792,7 +801,10 @@ impl Config {
             push(
                 "cloud",
                 "home_poll_interval_secs",
-                format!("{} s polls MODE too often", self.cloud.home_poll_interval_secs),
+                format!(
+                    "{} s polls MODE too often",
+                    self.cloud.home_poll_interval_secs
+                ),
                 "use 5 or more (default 60)".into(),
             );
         }
@@ -912,22 +924,41 @@ impl Config {
                 })
             };
             if s.port.as_os_str().is_empty() {
-                push("port", "port is empty".into(), "set the device path, e.g. /dev/ttyUSB0".into());
+                push(
+                    "port",
+                    "port is empty".into(),
+                    "set the device path, e.g. /dev/ttyUSB0".into(),
+                );
             } else if let Some(prev) = ports.insert(&s.port, i) {
                 push(
                     "port",
-                    format!("port {} is already used by serial[{prev}]", s.port.display()),
+                    format!(
+                        "port {} is already used by serial[{prev}]",
+                        s.port.display()
+                    ),
                     "list every device of one port in one [[serial]] table".into(),
                 );
             }
             if s.baud == 0 || s.baud > 4_000_000 {
-                push("baud", format!("{} is not a baud rate", s.baud), "use e.g. 9600 or 115200".into());
+                push(
+                    "baud",
+                    format!("{} is not a baud rate", s.baud),
+                    "use e.g. 9600 or 115200".into(),
+                );
             }
             if !(5..=8).contains(&s.data_bits) {
-                push("data_bits", format!("{} data bits", s.data_bits), "use 5, 6, 7 or 8".into());
+                push(
+                    "data_bits",
+                    format!("{} data bits", s.data_bits),
+                    "use 5, 6, 7 or 8".into(),
+                );
             }
             if !(1..=2).contains(&s.stop_bits) {
-                push("stop_bits", format!("{} stop bits", s.stop_bits), "use 1 or 2".into());
+                push(
+                    "stop_bits",
+                    format!("{} stop bits", s.stop_bits),
+                    "use 1 or 2".into(),
+                );
             }
             if !(16..=65536).contains(&s.max_line_bytes) {
                 push(
@@ -1033,13 +1064,21 @@ local_password = "s3cret"
 
     #[test]
     fn unknown_keys_get_did_you_mean_with_lines() {
-        let src = GOOD.replace("listen =", "lisen =").replace("home_id", "homeid");
+        let src = GOOD
+            .replace("listen =", "lisen =")
+            .replace("home_id", "homeid");
         let problems = Config::parse(&src, Path::new(".")).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
-        let lisen = problems.iter().find(|p| p.key == "local.mqtt.lisen").unwrap();
+        let lisen = problems
+            .iter()
+            .find(|p| p.key == "local.mqtt.lisen")
+            .unwrap();
         assert!(lisen.fix.contains("did you mean `listen`"));
         assert_eq!(lisen.line, Some(6));
-        let homeid = problems.iter().find(|p| p.key == "device[0].homeid").unwrap();
+        let homeid = problems
+            .iter()
+            .find(|p| p.key == "device[0].homeid")
+            .unwrap();
         assert!(homeid.fix.contains("`home_id`"));
         assert_eq!(homeid.line, Some(14));
     }

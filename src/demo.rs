@@ -74,8 +74,15 @@ local_password = "demo"
         .map_err(|p| anyhow::anyhow!("demo config invalid: {p:?}"))?;
     let hub = crate::Hub::start(cfg).await?;
     println!("modehub demo");
-    println!("  emulated MODE cloud: REST http://{}  MQTT {}", emulator.http_addr(), emulator.mqtt_addr());
-    println!("  hub local broker:    mqtt://{} (login demo-sensor / demo)", hub.local_addr());
+    println!(
+        "  emulated MODE cloud: REST http://{}  MQTT {}",
+        emulator.http_addr(),
+        emulator.mqtt_addr()
+    );
+    println!(
+        "  hub local broker:    mqtt://{} (login demo-sensor / demo)",
+        hub.local_addr()
+    );
     println!("  data dir:            {}", data.path().display());
     println!();
 
@@ -89,11 +96,19 @@ local_password = "demo"
         }
     });
 
-    let mut opts = MqttOptions::new("demo-sensor", hub.local_addr().ip().to_string(), hub.local_addr().port());
+    let mut opts = MqttOptions::new(
+        "demo-sensor",
+        hub.local_addr().ip().to_string(),
+        hub.local_addr().port(),
+    );
     opts.set_credentials("demo-sensor", Secret::new("demo").expose());
     let (sensor, mut el) = AsyncClient::new(opts, 16);
-    sensor.subscribe("/devices/demo-sensor/command", QoS::AtMostOnce).await?;
-    sensor.subscribe("/devices/demo-sensor/kv", QoS::AtMostOnce).await?;
+    sensor
+        .subscribe("/devices/demo-sensor/command", QoS::AtMostOnce)
+        .await?;
+    sensor
+        .subscribe("/devices/demo-sensor/kv", QoS::AtMostOnce)
+        .await?;
     tokio::spawn(async move {
         loop {
             match el.poll().await {
@@ -114,7 +129,9 @@ local_password = "demo"
     });
 
     let interval = Duration::from_secs_f64(args.interval.max(0.05));
-    let deadline = args.seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut tick = 0u64;
     let mut ticker = tokio::time::interval(interval);
     loop {
@@ -127,9 +144,13 @@ local_password = "demo"
         }
         tick += 1;
         let celsius = 20.0 + (tick as f64 / 5.0).sin() * 2.0;
-        let body = format!(r#"{{"eventType":"temperature","eventData":{{"celsius":{celsius:.2},"reading":{tick}}}}}"#);
+        let body = format!(
+            r#"{{"eventType":"temperature","eventData":{{"celsius":{celsius:.2},"reading":{tick}}}}}"#
+        );
         println!("  sensor -> /devices/demo-sensor/event {body}");
-        sensor.publish("/devices/demo-sensor/event", QoS::AtLeastOnce, false, body).await?;
+        sensor
+            .publish("/devices/demo-sensor/event", QoS::AtLeastOnce, false, body)
+            .await?;
         if tick % 4 == 0 {
             let params = serde_json::json!({"times": tick / 4, "color": "green"});
             println!("  cloud -> command blink {params}");

@@ -91,6 +91,31 @@ impl Hub {
             opts.clock.clone(),
         );
         let (local_tx, local_rx) = mpsc::channel(1024);
+        // Serial ports (issue 5): one task per [[serial]] table. Each port's write queue has
+        // `write_queue` slots; the downlink fills it with `serial::offer` (try_send), never waits.
+        let mut serial_ports: Vec<mpsc::Sender<downlink::DownMsg>> = Vec::new();
+        let mut serial_tasks = Vec::new();
+        for s in &cfg.serial {
+            let (tx, rx) = mpsc::channel(s.write_queue.max(1));
+            serial_ports.push(tx);
+            let devices = s
+                .devices
+                .iter()
+                .filter_map(|n| registry.lookup(n).map(|d| d.id))
+                .collect();
+            serial_tasks.push(tokio::spawn(serial::run_port(serial::PortContext {
+                cfg: s.clone(),
+                devices,
+                registry: registry.clone(),
+                router: router.clone(),
+                metrics: metrics.clone(),
+                events: local_tx.clone(),
+                down: rx,
+                shutdown: shutdown_rx.clone(),
+            })));
+        }
+        // TODO(lead): hand serial_ports to downlink::run (DownMsg for devices on cfg.serial[i]).
+        let _serial_ports = serial_ports;
         let broker = LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
@@ -103,7 +128,7 @@ impl Hub {
         .await?;
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
-        let mut tasks = Vec::new();
+        let mut tasks = serial_tasks;
         tasks.push(tokio::spawn(downlink::run(
             registry.clone(),
             broker,

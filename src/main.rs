@@ -60,7 +60,10 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("error: {e}");
         if matches!(e, ConfigError::Invalid { .. }) {
-            eprintln!("(run `modehub check-config --config {}` after fixing)", path.display());
+            eprintln!(
+                "(run `modehub check-config --config {}` after fixing)",
+                path.display()
+            );
         }
         ExitCode::from(2)
     })
@@ -116,13 +119,20 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             println!("  MODE MQTT:  {}", cfg.cloud.mqtt_url);
             println!("  devices:    {}", cfg.devices.len());
             for d in &cfg.devices {
-                let home = d.home_id.map(|h| h.to_string()).unwrap_or_else(|| "-".into());
+                let home = d
+                    .home_id
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|| "-".into());
                 println!(
                     "    {:<24} mode_id {:<10} home {:<8} local login: {}",
                     d.name,
                     d.mode_id,
                     home,
-                    if d.local_password.is_some() { "name or MODE id" } else { "MODE id + API key" }
+                    if d.local_password.is_some() {
+                        "name or MODE id"
+                    } else {
+                        "MODE id + API key"
+                    }
                 );
             }
             ExitCode::SUCCESS

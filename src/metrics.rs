@@ -68,6 +68,8 @@ pub struct Metrics {
     pub local_connections: AtomicU64,
     /// Commands received from MODE and delivered down.
     pub commands_received: AtomicU64,
+    /// Serial adapters' counters (all ports).
+    pub serial: crate::serial::SerialStats,
 }
 
 impl Metrics {

@@ -181,8 +181,12 @@ fn open_db(path: &Path, sync_full: bool) -> Result<Connection, OutboxError> {
         .map_err(open_err)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(open_err)?;
-    conn.pragma_update(None, "synchronous", if sync_full { "FULL" } else { "NORMAL" })
-        .map_err(open_err)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync_full { "FULL" } else { "NORMAL" },
+    )
+    .map_err(open_err)?;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(open_err)?;
@@ -220,7 +224,9 @@ impl Outbox {
         let mut seqs = HashMap::new();
         {
             let mut st = conn.prepare("SELECT device, next_seq FROM device_seq")?;
-            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?;
             for r in rows {
                 let (d, s) = r?;
                 seqs.insert(d, s);
@@ -267,7 +273,12 @@ impl Outbox {
     }
 
     /// Up to `limit` rows of `device` with `id > after`, oldest first.
-    pub async fn fetch(&self, device: u64, after: i64, limit: usize) -> Result<Vec<Row>, OutboxError> {
+    pub async fn fetch(
+        &self,
+        device: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Req::Fetch {
@@ -552,6 +563,9 @@ mod tests {
         let noop: Notifier = Arc::new(|_| {});
         let err = Outbox::open(dir.path(), false, noop).err().unwrap();
         assert!(err.to_string().contains("never deletes it"), "{err}");
-        assert_eq!(std::fs::read(dir.path().join("hub.db")).unwrap(), vec![0x42u8; 8192]);
+        assert_eq!(
+            std::fs::read(dir.path().join("hub.db")).unwrap(),
+            vec![0x42u8; 8192]
+        );
     }
 }

@@ -110,7 +110,10 @@ impl Registry {
 
     /// Splits `/devices/{x}/rest` into the device it names and what the topic is for.
     /// Returns `None` for topics outside `/devices/`.
-    pub fn parse_topic<'t>(&self, topic: &'t str) -> Option<(Option<DeviceId>, &'t str, TopicKind)> {
+    pub fn parse_topic<'t>(
+        &self,
+        topic: &'t str,
+    ) -> Option<(Option<DeviceId>, &'t str, TopicKind)> {
         let rest = topic.strip_prefix("/devices/")?;
         let (who, sub) = rest.split_once('/')?;
         let kind = match sub {

@@ -140,7 +140,9 @@ impl Router {
 
     /// Validates a DDP change `{"action":"set","key":k,"value":v}` / `{"action":"delete","key":k}`.
     pub async fn kv(&self, dev: DeviceId, payload: &[u8]) -> Result<CommitWaiter, Rejected> {
-        let rec = self.parse_kv(dev, payload).map_err(|r| self.refuse(dev, r))?;
+        let rec = self
+            .parse_kv(dev, payload)
+            .map_err(|r| self.refuse(dev, r))?;
         self.submit(dev, rec).await
     }
 

@@ -91,7 +91,8 @@ impl DeviceUplink {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
         // Spread the first connects of many devices a little.
-        self.sleep(Duration::from_millis(fastrand::u64(0..200))).await;
+        self.sleep(Duration::from_millis(fastrand::u64(0..200)))
+            .await;
         while !*self.shutdown.borrow() {
             self.state.send_replace(SessionState::Connecting);
             self.metrics.upstream_connects.fetch_add(1, Relaxed);
@@ -119,7 +120,8 @@ impl DeviceUplink {
                 Err(e) if e.is_auth() => {
                     self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
                     tracing::error!(device = %self.device.name, mode_id = self.device.mode_id, error = %e, retry_in = ?PARKED_RETRY, "MODE REFUSED THIS DEVICE'S CREDENTIALS; its data is kept in the outbox. Fix mode_id / api_key in the config.");
-                    self.state.send_replace(SessionState::Refused(e.to_string()));
+                    self.state
+                        .send_replace(SessionState::Refused(e.to_string()));
                     PARKED_RETRY
                 }
                 Err(e) => {
@@ -156,7 +158,8 @@ impl DeviceUplink {
                     Ok(rows) => {
                         more = rows.len() == room;
                         for row in rows {
-                            let topic = crate::mode::upstream_message(&row, &self.stamping, &mut buf);
+                            let topic =
+                                crate::mode::upstream_message(&row, &self.stamping, &mut buf);
                             if let Err(e) = session.publish(row.id, topic, buf.clone()) {
                                 session.close().await;
                                 return e;

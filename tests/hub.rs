@@ -16,8 +16,16 @@ async fn event_goes_up_with_topic_credentials_and_body() {
     // Log in by local name, and the other device by MODE id + API key.
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), &device_id(1).to_string(), &device_key(1)).await;
-    s0.publish_all("/devices/dev0/event", vec![r#"{"eventType":"temp","eventData":{"c":21.5,"big":12345678901234}}"#]).await;
-    s1.publish_all(&format!("/devices/{}/event", device_id(1)), vec![r#"{"eventType":"door"}"#]).await;
+    s0.publish_all(
+        "/devices/dev0/event",
+        vec![r#"{"eventType":"temp","eventData":{"c":21.5,"big":12345678901234}}"#],
+    )
+    .await;
+    s1.publish_all(
+        &format!("/devices/{}/event", device_id(1)),
+        vec![r#"{"eventType":"door"}"#],
+    )
+    .await;
 
     let got = wait_events(&emu.handle(), device_id(0), 1).await;
     assert_eq!(got.len(), 1);
@@ -28,13 +36,24 @@ async fn event_goes_up_with_topic_credentials_and_body() {
     assert_eq!(e.event_data["big"].as_u64(), Some(12345678901234));
     assert_eq!(e.event_data["_seq"], 1);
     let captured = e.event_data["_capturedAt"].as_str().unwrap();
-    assert!(captured.ends_with('Z') && captured.len() == 24, "{captured}");
-    assert!(e.raw.starts_with(r#"{"eventType":"temp","eventData":{"#), "{}", e.raw);
+    assert!(
+        captured.ends_with('Z') && captured.len() == 24,
+        "{captured}"
+    );
+    assert!(
+        e.raw.starts_with(r#"{"eventType":"temp","eventData":{"#),
+        "{}",
+        e.raw
+    );
 
     let got = wait_events(&emu.handle(), device_id(1), 1).await;
     assert_eq!(got[0].event_type, "door");
     assert_eq!(got[0].event_data["_seq"], 1);
-    assert!(emu.handle().events(device_id(0)).iter().all(|e| e.device_id == device_id(0)));
+    assert!(emu
+        .handle()
+        .events(device_id(0))
+        .iter()
+        .all(|e| e.device_id == device_id(0)));
     hub.shutdown().await;
 }
 
@@ -44,10 +63,14 @@ async fn order_is_kept_for_1000_events_from_one_device() {
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(hub_config(&emu, dir.path(), 1)).await.unwrap();
     let mut s = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
-    s.publish_all("/devices/dev0/event", (0..1000).map(event_json).collect()).await;
+    s.publish_all("/devices/dev0/event", (0..1000).map(event_json).collect())
+        .await;
     let got = wait_events(&emu.handle(), device_id(0), 1000).await;
     assert_eq!(ns(&got), (0..1000).collect::<Vec<u64>>());
-    let seqs: Vec<u64> = got.iter().map(|e| e.event_data["_seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|e| e.event_data["_seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (1..=1000).collect::<Vec<u64>>());
     hub.shutdown().await;
 }
@@ -62,8 +85,10 @@ async fn a_refused_device_does_not_block_another() {
     let hub = Hub::start(cfg).await.unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..50).map(event_json).collect()).await;
-    s1.publish_all("/devices/dev1/event", (0..50).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..50).map(event_json).collect())
+        .await;
+    s1.publish_all("/devices/dev1/event", (0..50).map(event_json).collect())
+        .await;
     let got = wait_events(&emu.handle(), device_id(1), 50).await;
     assert_eq!(ns(&got), (0..50).collect::<Vec<u64>>());
     assert!(emu.handle().events(device_id(0)).is_empty());
@@ -77,7 +102,10 @@ async fn a_refused_device_does_not_block_another() {
             assert_eq!(states[1], modehub::uplink::SessionState::Up);
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "dev0 never parked: {states:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dev0 never parked: {states:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     hub.shutdown().await;
@@ -88,10 +116,20 @@ async fn wrong_local_password_and_unknown_user_are_refused() {
     let emu = emulator(1).await;
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(hub_config(&emu, dir.path(), 1)).await.unwrap();
-    for (user, pass) in [("dev0", "nope"), ("ghost", "pw0"), (&*device_id(0).to_string(), "pw0")] {
-        let err = connect_raw(hub.local_addr(), user, pass).await.err().expect("refused");
+    for (user, pass) in [
+        ("dev0", "nope"),
+        ("ghost", "pw0"),
+        (&*device_id(0).to_string(), "pw0"),
+    ] {
+        let err = connect_raw(hub.local_addr(), user, pass)
+            .await
+            .err()
+            .expect("refused");
         assert!(
-            matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)),
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword)
+            ),
             "{user}: {err:?}"
         );
     }
@@ -112,10 +150,18 @@ async fn a_device_cannot_publish_or_subscribe_as_another() {
     let ack = s0.subscribe("#").await;
     assert_eq!(ack.return_codes, vec![SubscribeReasonCode::Failure]);
     let ack = s0.subscribe("/devices/dev0/command").await;
-    assert!(matches!(ack.return_codes[0], SubscribeReasonCode::Success(_)));
+    assert!(matches!(
+        ack.return_codes[0],
+        SubscribeReasonCode::Success(_)
+    ));
 
     s0.client
-        .publish("/devices/dev1/event", rumqttc::QoS::AtLeastOnce, false, event_json(1))
+        .publish(
+            "/devices/dev1/event",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            event_json(1),
+        )
         .await
         .unwrap();
     let mut closed = s0.closed.clone();
@@ -133,14 +179,18 @@ async fn a_device_cannot_publish_or_subscribe_as_another() {
 async fn malformed_payloads_are_counted_and_dropped_while_good_ones_pass() {
     let emu = emulator(2).await;
     let dir = tempfile::tempdir().unwrap();
-    let text = hub_config_text(&emu, dir.path(), 2, "").replace("[cloud]", "[cloud]").replace(
-        "[local.mqtt]",
-        "max_payload_bytes = 1024\n[local.mqtt]",
-    );
-    let hub = Hub::start(modehub::config::Config::parse(&text, dir.path()).unwrap()).await.unwrap();
+    let text = hub_config_text(&emu, dir.path(), 2, "")
+        .replace("[cloud]", "[cloud]")
+        .replace("[local.mqtt]", "max_payload_bytes = 1024\n[local.mqtt]");
+    let hub = Hub::start(modehub::config::Config::parse(&text, dir.path()).unwrap())
+        .await
+        .unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    let big = format!(r#"{{"eventType":"x","eventData":{{"pad":"{}"}}}}"#, "a".repeat(2000));
+    let big = format!(
+        r#"{{"eventType":"x","eventData":{{"pad":"{}"}}}}"#,
+        "a".repeat(2000)
+    );
     let bad: Vec<Vec<u8>> = vec![
         event_json(0).into(),
         b"not json".to_vec(),
@@ -153,15 +203,27 @@ async fn malformed_payloads_are_counted_and_dropped_while_good_ones_pass() {
         event_json(1).into(),
     ];
     s0.publish_all("/devices/dev0/event", bad).await;
-    s1.publish_all("/devices/dev1/event", (0..10).map(event_json).collect()).await;
+    s1.publish_all("/devices/dev1/event", (0..10).map(event_json).collect())
+        .await;
     let got = wait_events(&emu.handle(), device_id(0), 2).await;
     assert_eq!(ns(&got), vec![0, 1]);
-    assert_eq!(ns(&wait_events(&emu.handle(), device_id(1), 10).await), (0..10).collect::<Vec<u64>>());
+    assert_eq!(
+        ns(&wait_events(&emu.handle(), device_id(1), 10).await),
+        (0..10).collect::<Vec<u64>>()
+    );
     let m = hub.metrics();
-    assert_eq!(m.rejected(RejectReason::NotJson), 2, "truncated JSON + invalid UTF-8");
+    assert_eq!(
+        m.rejected(RejectReason::NotJson),
+        2,
+        "truncated JSON + invalid UTF-8"
+    );
     assert_eq!(m.rejected(RejectReason::EventDataNotObject), 1);
     assert_eq!(m.rejected(RejectReason::MissingEventType), 1);
-    assert_eq!(m.rejected(RejectReason::NotAnObject), 2, "plain text + array");
+    assert_eq!(
+        m.rejected(RejectReason::NotAnObject),
+        2,
+        "plain text + array"
+    );
     assert_eq!(m.rejected(RejectReason::TooLarge), 1);
     hub.shutdown().await;
 }
@@ -172,11 +234,13 @@ async fn events_published_while_cloud_is_down_arrive_in_order_after() {
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(hub_config(&emu, dir.path(), 2)).await.unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
-    s0.publish_all("/devices/dev0/event", vec![event_json(0)]).await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(0)])
+        .await;
     wait_events(&emu.handle(), device_id(0), 1).await;
     emu.handle().set_offline(true);
     // Still acknowledged locally: the outbox has them.
-    s0.publish_all("/devices/dev0/event", (1..200).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (1..200).map(event_json).collect())
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(emu.handle().events(device_id(0)).len(), 1);
     emu.handle().set_offline(false);
@@ -194,7 +258,8 @@ async fn a_restarted_hub_delivers_what_it_had_not_sent() {
     emu.handle().set_offline(true);
     let hub = Hub::start(hub_config(&emu, dir.path(), 1)).await.unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
-    s0.publish_all("/devices/dev0/event", (0..100).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..100).map(event_json).collect())
+        .await;
     drop(s0);
     hub.shutdown().await;
 
@@ -204,7 +269,8 @@ async fn a_restarted_hub_delivers_what_it_had_not_sent() {
     assert_eq!(ns(&got), (0..100).collect::<Vec<u64>>());
     // The sequence continues across restarts.
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
-    s0.publish_all("/devices/dev0/event", vec![event_json(100)]).await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(100)])
+        .await;
     let got = wait_events(&emu.handle(), device_id(0), 101).await;
     assert_eq!(got[100].event_data["_seq"], 101);
     hub.shutdown().await;

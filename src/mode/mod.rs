@@ -147,17 +147,29 @@ mod tests {
         assert_eq!(v["eventType"], "t\"q");
         assert_eq!(v["eventData"].as_object().unwrap().len(), 2);
 
-        upstream_message(&row(Kind::Event, "t", "{ }"), &Stamping::default(), &mut out);
+        upstream_message(
+            &row(Kind::Event, "t", "{ }"),
+            &Stamping::default(),
+            &mut out,
+        );
         assert_eq!(out, br#"{"eventType":"t","eventData":{ }}"#);
     }
 
     #[test]
     fn kv_payloads() {
         let mut out = Vec::new();
-        let t = upstream_message(&row(Kind::KvSet, "k1", "[1,2]"), &Stamping::default(), &mut out);
+        let t = upstream_message(
+            &row(Kind::KvSet, "k1", "[1,2]"),
+            &Stamping::default(),
+            &mut out,
+        );
         assert_eq!(t, "/devices/1234/kv");
         assert_eq!(out, br#"{"action":"set","key":"k1","value":[1,2]}"#);
-        upstream_message(&row(Kind::KvDelete, "k1", ""), &Stamping::default(), &mut out);
+        upstream_message(
+            &row(Kind::KvDelete, "k1", ""),
+            &Stamping::default(),
+            &mut out,
+        );
         assert_eq!(out, br#"{"action":"delete","key":"k1"}"#);
     }
 }

@@ -20,7 +20,9 @@ pub fn device_key(i: usize) -> String {
 }
 
 pub fn seed(n: usize) -> Seed {
-    let mut s = String::from("project_id = 1\n[[home]]\nid = 42\nname = \"Home\"\n[[home]]\nid = 43\nname = \"Other\"\n");
+    let mut s = String::from(
+        "project_id = 1\n[[home]]\nid = 42\nname = \"Home\"\n[[home]]\nid = 43\nname = \"Other\"\n",
+    );
     for i in 0..n {
         s.push_str(&format!(
             "[[device]]\nid = {}\napi_key = \"{}\"\nhome_id = {}\nname = \"dev{i}\"\n",
@@ -99,7 +101,9 @@ pub async fn connect_raw(
 
 impl Sensor {
     pub async fn connect(addr: SocketAddr, user: &str, pass: &str) -> Sensor {
-        let (client, mut el) = connect_raw(addr, user, pass).await.expect("sensor connects");
+        let (client, mut el) = connect_raw(addr, user, pass)
+            .await
+            .expect("sensor connects");
         let (tx, incoming) = mpsc::unbounded_channel();
         let (closed_tx, closed) = tokio::sync::watch::channel(None);
         tokio::spawn(async move {
@@ -155,7 +159,10 @@ impl Sensor {
     }
 
     pub async fn subscribe(&mut self, filter: &str) -> rumqttc::SubAck {
-        self.client.subscribe(filter, QoS::AtMostOnce).await.unwrap();
+        self.client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .unwrap();
         loop {
             match tokio::time::timeout(Duration::from_secs(10), self.incoming.recv()).await {
                 Ok(Some(Packet::SubAck(a))) => return a,

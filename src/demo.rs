@@ -151,14 +151,14 @@ local_password = "demo"
         sensor
             .publish("/devices/demo-sensor/event", QoS::AtLeastOnce, false, body)
             .await?;
-        if tick % 4 == 0 {
+        if tick.is_multiple_of(4) {
             let params = serde_json::json!({"times": tick / 4, "color": "green"});
             println!("  cloud -> command blink {params}");
             if let Err(e) = cloud.send_command(DEVICE_ID, "blink", params) {
                 println!("  cloud: command not sent: {e:?}");
             }
         }
-        if tick % 6 == 0 {
+        if tick.is_multiple_of(6) {
             let v = serde_json::json!(tick);
             println!("  cloud -> DDP set threshold = {v}");
             let _ = cloud.set_kv(DEVICE_ID, "threshold", v);

@@ -94,11 +94,14 @@ pub enum OutboxError {
     Closed,
 }
 
+/// Answers one append once its commit is done.
+type CommitReply = oneshot::Sender<Result<(), Arc<OutboxError>>>;
+
 /// Callback run after each commit for every device that got new rows.
 pub type Notifier = Arc<dyn Fn(u64) + Send + Sync>;
 
 enum Req {
-    Append(NewRecord, oneshot::Sender<Result<(), Arc<OutboxError>>>),
+    Append(NewRecord, CommitReply),
     Fetch {
         device: u64,
         after: i64,
@@ -319,8 +322,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Req>) {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut appends: Vec<(NewRecord, oneshot::Sender<Result<(), Arc<OutboxError>>>)> =
-            Vec::new();
+        let mut appends: Vec<(NewRecord, CommitReply)> = Vec::new();
         let mut acks: Vec<i64> = Vec::new();
         let mut reads: Vec<Req> = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
@@ -394,7 +396,7 @@ impl Writer {
 
     fn commit(
         &mut self,
-        appends: &[(NewRecord, oneshot::Sender<Result<(), Arc<OutboxError>>>)],
+        appends: &[(NewRecord, CommitReply)],
         acks: &[i64],
     ) -> Result<(), OutboxError> {
         let tx = self.conn.transaction()?;

@@ -180,7 +180,6 @@ async fn malformed_payloads_are_counted_and_dropped_while_good_ones_pass() {
     let emu = emulator(2).await;
     let dir = tempfile::tempdir().unwrap();
     let text = hub_config_text(&emu, dir.path(), 2, "")
-        .replace("[cloud]", "[cloud]")
         .replace("[local.mqtt]", "max_payload_bytes = 1024\n[local.mqtt]");
     let hub = Hub::start(modehub::config::Config::parse(&text, dir.path()).unwrap())
         .await

@@ -15,6 +15,7 @@ pub mod downlink;
 pub mod emulator;
 pub mod metrics;
 pub mod mode;
+pub mod ops;
 pub mod outbox;
 pub mod registry;
 pub mod router;
@@ -44,6 +45,9 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
+    /// Which devices are connected locally, and since when the hub runs (read by `ops`).
+    presence: Arc<ops::Presence>,
+    started: std::time::Instant,
 }
 
 /// Options that tests and tools set; production uses the defaults.
@@ -91,6 +95,9 @@ impl Hub {
             opts.clock.clone(),
         );
         let (local_tx, local_rx) = mpsc::channel(1024);
+        // ops watches local presence on its way to the downlink (status: "local connected?").
+        let presence = Arc::new(ops::Presence::new(registry.len()));
+        let local_rx = presence.clone().tap(local_rx);
         // Serial ports (issue 5): one task per [[serial]] table. Each port's write queue has
         // `write_queue` slots; the downlink fills it with `serial::offer` (try_send), never waits.
         let mut serial_ports: Vec<mpsc::Sender<downlink::DownMsg>> = Vec::new();
@@ -182,6 +189,8 @@ impl Hub {
             shutdown,
             tasks,
             outbox_thread: Some(outbox_thread),
+            presence,
+            started: std::time::Instant::now(),
         })
     }
 

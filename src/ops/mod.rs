@@ -147,7 +147,8 @@ struct LastError {
 /// A running hub as ops sees it. Cheap to share (`Arc`).
 pub struct OpsContext {
     metrics: Arc<Metrics>,
-    outbox: Outbox,
+    /// Taken away when the hub stops, so ops never keeps the outbox writer alive.
+    outbox: Mutex<Option<Outbox>>,
     registry: Arc<Registry>,
     sessions: Vec<watch::Receiver<SessionState>>,
     presence: Arc<Presence>,
@@ -178,7 +179,7 @@ impl Hub {
             .collect();
         let ctx = Arc::new(OpsContext {
             metrics: self.metrics.clone(),
-            outbox: self.outbox.clone(),
+            outbox: Mutex::new(Some(self.outbox.clone())),
             registry: self.registry.clone(),
             sessions: self.sessions.clone(),
             presence: self.presence.clone(),
@@ -350,8 +351,9 @@ impl OpsContext {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
-    pub fn outbox(&self) -> &Outbox {
-        &self.outbox
+    /// The outbox, until the hub stops.
+    pub fn outbox(&self) -> Option<Outbox> {
+        self.outbox.lock().expect("ops lock").clone()
     }
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -386,7 +388,10 @@ impl OpsContext {
 
     /// The outbox's backlog per device, or why it could not be read.
     pub async fn depth(&self) -> Result<HashMap<u64, DeviceDepth>, String> {
-        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, self.outbox.depth()).await {
+        let Some(outbox) = self.outbox() else {
+            return Err("hub stopping".into());
+        };
+        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.depth()).await {
             Ok(Ok(d)) => Ok(d),
             Ok(Err(e)) => Err(format!("cannot read the outbox: {e}")),
             Err(_) => Err(format!(
@@ -424,7 +429,10 @@ impl OpsContext {
             self.sample().await;
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.outbox.lock().expect("ops lock").take();
+                    return;
+                }
             }
         }
     }
@@ -436,9 +444,9 @@ impl OpsContext {
             .ok()
             .map(|d| d.values().map(|x| x.rows).sum::<u64>());
         let delivered = self.metrics.delivered.load(Relaxed);
-        let stats = self.outbox.stats();
-        let commits = stats.commits.load(Relaxed);
-        let errors = stats.commit_errors.load(Relaxed);
+        let Some(outbox) = self.outbox() else { return };
+        let commits = outbox.stats().commits.load(Relaxed);
+        let errors = outbox.stats().commit_errors.load(Relaxed);
         let mut p = self.progress.lock().expect("ops lock");
         let shrank = matches!((p.last_total, total), (Some(a), Some(b)) if b < a);
         if delivered != p.last_delivered || total == Some(0) || shrank {
@@ -467,7 +475,8 @@ impl OpsContext {
             (
                 p.commits_failing,
                 p.last_progress.elapsed(),
-                self.outbox.stats().commit_errors.load(Relaxed),
+                self.outbox()
+                    .map_or(0, |o| o.stats().commit_errors.load(Relaxed)),
             )
         };
         checks.push(match (&depth, failing) {

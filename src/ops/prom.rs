@@ -227,8 +227,11 @@ pub async fn render(ctx: &OpsContext) -> String {
         );
     }
 
-    // Storage.
-    let st = ctx.outbox().stats();
+    // Storage (absent while the hub stops).
+    let Some(outbox) = ctx.outbox() else {
+        return o.0;
+    };
+    let st = outbox.stats();
     o.single(
         "modehub_outbox_commits_total",
         "counter",

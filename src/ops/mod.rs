@@ -172,7 +172,7 @@ impl Hub {
             .map(|d| {
                 cfg.serial
                     .iter()
-                    .find(|s| s.devices.iter().any(|n| *n == d.name))
+                    .find(|s| s.devices.contains(&d.name))
                     .map(|s| format!("serial {}", s.port.display()))
                     .unwrap_or_else(|| "mqtt".to_string())
             })

@@ -169,6 +169,12 @@ pub fn render_table(r: &StatusReport) -> String {
                     .map(human_duration)
                     .unwrap_or_else(|| "-".into()),
                 match (&d.last_error, d.last_error_secs_ago) {
+                    // The same as the UPSTREAM column: just say since when.
+                    (Some(e), Some(ago))
+                        if e.ends_with(d.upstream.split_once(": ").map_or("\0", |x| x.1)) =>
+                    {
+                        format!("{} ago (see UPSTREAM)", human_duration(ago))
+                    }
                     (Some(e), Some(ago)) => format!("{} ago: {e}", human_duration(ago)),
                     (Some(e), None) => e.clone(),
                     _ => "-".into(),

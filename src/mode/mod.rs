@@ -77,7 +77,7 @@ pub enum SessionEvent {
 
 /// One device's connection to MODE, over device MQTT or REST + WebSocket.
 pub enum Session {
-    Mqtt(mqtt::Session),
+    Mqtt(Box<mqtt::Session>),
     Rest(Box<rest::Session>),
 }
 
@@ -89,9 +89,9 @@ impl Session {
         key: &Secret,
     ) -> Result<Session, ConnectError> {
         match cfg.transport {
-            Transport::Mqtt => Ok(Session::Mqtt(
+            Transport::Mqtt => Ok(Session::Mqtt(Box::new(
                 mqtt::Session::connect(cfg, mode_id, key).await?,
-            )),
+            ))),
             Transport::Rest => Ok(Session::Rest(Box::new(
                 rest::Session::connect(cfg, mode_id, key).await?,
             ))),

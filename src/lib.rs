@@ -25,8 +25,8 @@ pub mod uplink;
 use crate::broker::LocalBroker;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::mode::mqtt::SessionConfig;
-use crate::outbox::{Notifier, Outbox};
+use crate::mode::SessionConfig;
+use crate::outbox::{Notifier, Outbox, OutboxOptions};
 use crate::registry::Registry;
 use crate::router::{Clock, Router};
 use crate::uplink::{DeviceUplink, SessionState};
@@ -85,7 +85,16 @@ impl Hub {
                 x.notify_one();
             }
         });
-        let (outbox, outbox_thread) = Outbox::open(&cfg.hub.data_dir, false, notifier)?;
+        let (outbox, outbox_thread) = Outbox::open_with(
+            &cfg.hub.data_dir,
+            OutboxOptions {
+                sync_full: cfg.hub.durability == config::Durability::Full,
+                max_bytes: cfg.hub.max_outbox_bytes,
+                max_rows: cfg.hub.max_outbox_rows,
+                min_free_disk: cfg.hub.min_free_disk,
+            },
+            notifier,
+        )?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let router = Router::new(
             registry.clone(),
@@ -93,23 +102,26 @@ impl Hub {
             metrics.clone(),
             cfg.hub.max_payload_bytes,
             opts.clock.clone(),
-        );
+        )
+        .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
         // ops watches local presence on its way to the downlink (status: "local connected?").
         let presence = Arc::new(ops::Presence::new(registry.len()));
         let local_rx = presence.clone().tap(local_rx);
-        // Serial ports (issue 5): one task per [[serial]] table. Each port's write queue has
-        // `write_queue` slots; the downlink fills it with `serial::offer` (try_send), never waits.
-        let mut serial_ports: Vec<mpsc::Sender<downlink::DownMsg>> = Vec::new();
+        // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
+        // downlink fills without waiting.
+        let mut adapters = vec![downlink::Adapter::Mqtt; registry.len()];
         let mut serial_tasks = Vec::new();
         for s in &cfg.serial {
             let (tx, rx) = mpsc::channel(s.write_queue.max(1));
-            serial_ports.push(tx);
-            let devices = s
+            let devices: Vec<_> = s
                 .devices
                 .iter()
                 .filter_map(|n| registry.lookup(n).map(|d| d.id))
                 .collect();
+            for &d in &devices {
+                adapters[d] = downlink::Adapter::Serial(tx.clone());
+            }
             serial_tasks.push(tokio::spawn(serial::run_port(serial::PortContext {
                 cfg: s.clone(),
                 devices,
@@ -121,8 +133,6 @@ impl Hub {
                 shutdown: shutdown_rx.clone(),
             })));
         }
-        // TODO(lead): hand serial_ports to downlink::run (DownMsg for devices on cfg.serial[i]).
-        let _serial_ports = serial_ports;
         let broker = LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
@@ -136,9 +146,18 @@ impl Hub {
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
         let mut tasks = serial_tasks;
-        tasks.push(tokio::spawn(downlink::run(
-            registry.clone(),
+        let down = downlink::Downlink {
+            registry: registry.clone(),
             broker,
+            outbox: outbox.clone(),
+            metrics: metrics.clone(),
+            adapters,
+            cfg: downlink::DownlinkConfig {
+                max_pending_commands: cfg.hub.max_pending_commands,
+                command_ttl: std::time::Duration::from_secs(cfg.hub.command_ttl_secs),
+            },
+        };
+        tasks.push(tokio::spawn(down.run(
             local_rx,
             down_rx,
             shutdown_rx.clone(),
@@ -148,14 +167,16 @@ impl Hub {
             .mqtt_endpoint()
             .map_err(|e| anyhow::anyhow!("cloud.mqtt_url: {e}"))?;
         let session = SessionConfig {
-            endpoint,
+            transport: cfg.cloud.transport,
+            mqtt: endpoint,
+            api_url: cfg.cloud.api_url.clone(),
             keepalive: cfg.cloud.keepalive(),
             inflight: cfg.cloud.max_inflight,
             max_packet: cfg.hub.max_payload_bytes + 4096,
-        };
-        let stamping = mode::Stamping {
-            seq_field: cfg.cloud.seq_field.clone(),
-            captured_at_field: cfg.cloud.captured_at_field.clone(),
+            stamping: mode::Stamping {
+                seq_field: cfg.cloud.seq_field.clone(),
+                captured_at_field: cfg.cloud.captured_at_field.clone(),
+            },
         };
         let mut sessions = Vec::new();
         for d in registry.iter() {
@@ -165,7 +186,6 @@ impl Hub {
                 device: d.clone(),
                 outbox: outbox.clone(),
                 session: session.clone(),
-                stamping: stamping.clone(),
                 notify: notifies[&d.mode_id].clone(),
                 downstream: down_tx.clone(),
                 metrics: metrics.clone(),

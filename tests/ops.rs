@@ -362,6 +362,28 @@ async fn metrics_parse_and_count_what_the_test_did() {
         value(&m, "modehub_command_queue_depth", &[("device", "dev1")]),
         Some(0.0)
     );
+
+    // A command for dev1, which is away locally, waits in the outbox and is counted.
+    for _ in 0..100 {
+        let _ = emu
+            .handle()
+            .send_command(device_id(1), "ping", serde_json::json!({}));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        m = scrape(&ops).await;
+        if value(&m, "modehub_command_queue_depth", &[("device", "dev1")]) >= Some(1.0) {
+            break;
+        }
+    }
+    let waiting = value(&m, "modehub_command_queue_depth", &[("device", "dev1")]).unwrap();
+    assert!(waiting >= 1.0);
+    assert_eq!(
+        value(&m, "modehub_commands_total", &[("outcome", "queued")]),
+        Some(waiting)
+    );
+    assert_eq!(
+        value(&m, "modehub_command_queue_depth", &[("device", "dev0")]),
+        Some(0.0)
+    );
     assert_eq!(
         value(
             &m,

@@ -380,10 +380,15 @@ impl OpsContext {
         "unknown"
     }
 
-    /// Seam for the pending-command store: commands waiting for each device (by MODE id)
-    /// that is away locally. Until that store exists nothing is queued.
+    /// Commands waiting in the outbox for each device (by MODE id) that is away locally.
     pub async fn command_queue_depth(&self) -> HashMap<u64, u64> {
-        HashMap::new()
+        let Some(outbox) = self.outbox() else {
+            return HashMap::new();
+        };
+        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.pending_commands()).await {
+            Ok(Ok(m)) => m,
+            _ => HashMap::new(),
+        }
     }
 
     /// The outbox's backlog per device, or why it could not be read.
@@ -490,6 +495,14 @@ impl OpsContext {
                 ok: false,
                 detail: format!(
                     "commits are failing ({errors} failed since start); see the log for the cause (disk full? read-only file system?)"
+                ),
+            },
+            (Ok(_), false) if self.outbox().is_some_and(|o| o.stats().disk_full.load(Relaxed) == 1) => Check {
+                name: "outbox".into(),
+                ok: false,
+                detail: format!(
+                    "new messages are refused: the disk holding {} is (nearly) full ([hub] min_free_disk); free space or lower the outbox bounds",
+                    self.data_dir.display()
                 ),
             },
             (Ok(_), false) => Check {

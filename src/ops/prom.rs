@@ -114,6 +114,40 @@ pub async fn render(ctx: &OpsContext) -> String {
         "Commands received from MODE.",
         m.commands_received.load(Relaxed),
     );
+    o.family(
+        "modehub_commands_total",
+        "counter",
+        "Commands from MODE by outcome: delivered to a listening device, queued while it is away, dropped over hub.max_pending_commands, expired after hub.command_ttl_secs, lost (adapter refused).",
+    );
+    for (outcome, c) in [
+        ("delivered", &m.down.commands_delivered),
+        ("queued", &m.down.commands_queued),
+        ("dropped", &m.down.commands_dropped),
+        ("expired", &m.down.commands_expired),
+        ("lost", &m.down.commands_lost),
+    ] {
+        o.sample(
+            "modehub_commands_total",
+            &[("outcome", outcome)],
+            c.load(Relaxed),
+        );
+    }
+    o.family(
+        "modehub_kv_updates_total",
+        "counter",
+        "DDP messages from MODE: applied to the local mirror, ignored by the revision rule, invalid.",
+    );
+    for (outcome, c) in [
+        ("applied", &m.down.kv_applied),
+        ("ignored", &m.down.kv_ignored),
+        ("invalid", &m.down.kv_invalid),
+    ] {
+        o.sample(
+            "modehub_kv_updates_total",
+            &[("outcome", outcome)],
+            c.load(Relaxed),
+        );
+    }
     o.single(
         "modehub_serial_lines_ok_total",
         "counter",
@@ -243,6 +277,46 @@ pub async fn render(ctx: &OpsContext) -> String {
         "counter",
         "Outbox commits that failed.",
         st.commit_errors.load(Relaxed),
+    );
+    o.family(
+        "modehub_outbox_dropped_total",
+        "counter",
+        "Stored messages the outbox gave up on: oldest events dropped at its bounds (full), appends refused for lack of disk (disk_full), rows moved to the dead-letter table (dead_letter).",
+    );
+    for (reason, c) in [
+        ("full", &st.dropped_full),
+        ("disk_full", &st.refused_disk_full),
+        ("dead_letter", &st.dead_lettered),
+    ] {
+        o.sample(
+            "modehub_outbox_dropped_total",
+            &[("reason", reason)],
+            c.load(Relaxed),
+        );
+    }
+    o.single(
+        "modehub_outbox_disk_full",
+        "gauge",
+        "1 while new messages are refused because the data directory's disk is (nearly) full.",
+        st.disk_full.load(Relaxed),
+    );
+    o.single(
+        "modehub_outbox_kv_coalesced_total",
+        "counter",
+        "kv changes replaced by a newer change of the same key before they were sent.",
+        st.kv_coalesced.load(Relaxed),
+    );
+    o.single(
+        "modehub_outbox_corruption_detected_total",
+        "counter",
+        "Times the outbox database was found corrupt (salvaged rows: modehub_outbox_salvaged_rows_total).",
+        st.corruption_detected.load(Relaxed),
+    );
+    o.single(
+        "modehub_outbox_salvaged_rows_total",
+        "counter",
+        "Rows recovered from a corrupt database into a new one.",
+        st.salvaged_rows.load(Relaxed),
     );
     o.single(
         "modehub_outbox_rows_appended_total",

@@ -24,8 +24,8 @@ pub mod uplink;
 use crate::broker::LocalBroker;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::mode::mqtt::SessionConfig;
-use crate::outbox::{Notifier, Outbox};
+use crate::mode::SessionConfig;
+use crate::outbox::{Notifier, Outbox, OutboxOptions};
 use crate::registry::Registry;
 use crate::router::{Clock, Router};
 use crate::uplink::{DeviceUplink, SessionState};
@@ -81,7 +81,16 @@ impl Hub {
                 x.notify_one();
             }
         });
-        let (outbox, outbox_thread) = Outbox::open(&cfg.hub.data_dir, false, notifier)?;
+        let (outbox, outbox_thread) = Outbox::open_with(
+            &cfg.hub.data_dir,
+            OutboxOptions {
+                sync_full: cfg.hub.durability == config::Durability::Full,
+                max_bytes: cfg.hub.max_outbox_bytes,
+                max_rows: cfg.hub.max_outbox_rows,
+                min_free_disk: cfg.hub.min_free_disk,
+            },
+            notifier,
+        )?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let router = Router::new(
             registry.clone(),
@@ -89,7 +98,8 @@ impl Hub {
             metrics.clone(),
             cfg.hub.max_payload_bytes,
             opts.clock.clone(),
-        );
+        )
+        .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
         // Serial ports (issue 5): one task per [[serial]] table. Each port's write queue has
         // `write_queue` slots; the downlink fills it with `serial::offer` (try_send), never waits.
@@ -141,14 +151,16 @@ impl Hub {
             .mqtt_endpoint()
             .map_err(|e| anyhow::anyhow!("cloud.mqtt_url: {e}"))?;
         let session = SessionConfig {
-            endpoint,
+            transport: cfg.cloud.transport,
+            mqtt: endpoint,
+            api_url: cfg.cloud.api_url.clone(),
             keepalive: cfg.cloud.keepalive(),
             inflight: cfg.cloud.max_inflight,
             max_packet: cfg.hub.max_payload_bytes + 4096,
-        };
-        let stamping = mode::Stamping {
-            seq_field: cfg.cloud.seq_field.clone(),
-            captured_at_field: cfg.cloud.captured_at_field.clone(),
+            stamping: mode::Stamping {
+                seq_field: cfg.cloud.seq_field.clone(),
+                captured_at_field: cfg.cloud.captured_at_field.clone(),
+            },
         };
         let mut sessions = Vec::new();
         for d in registry.iter() {
@@ -158,7 +170,6 @@ impl Hub {
                 device: d.clone(),
                 outbox: outbox.clone(),
                 session: session.clone(),
-                stamping: stamping.clone(),
                 notify: notifies[&d.mode_id].clone(),
                 downstream: down_tx.clone(),
                 metrics: metrics.clone(),

@@ -7,7 +7,7 @@
 //! affects other devices. The router must not speak SQL, MQTT or MODE's wire format.
 
 use crate::metrics::{Metrics, RejectReason};
-use crate::outbox::{CommitWaiter, Kind, NewRecord, Outbox};
+use crate::outbox::{Capture, CommitWaiter, Kind, NewRecord, Outbox};
 use crate::registry::{DeviceId, Registry};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -80,15 +80,18 @@ pub fn valid_kv_key(key: &str, max_len: usize) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-')
 }
 
-/// Injectable wall clock (Unix ms), so tests can control capture times.
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+/// Injectable capture clock, so tests can control capture times.
+pub type Clock = Arc<dyn Fn() -> Capture + Send + Sync>;
 
+/// The system clock, assumed synchronised.
 pub fn system_clock() -> Clock {
     Arc::new(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+        Capture::at(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+        )
     })
 }
 
@@ -118,6 +121,12 @@ impl Router {
             max_key_len: 128,
             clock,
         }
+    }
+
+    /// Longest accepted DDP key (`hub.kv_max_key_len`).
+    pub fn with_max_key_len(mut self, n: usize) -> Router {
+        self.max_key_len = n;
+        self
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -202,7 +211,7 @@ impl Router {
             kind: Kind::Event,
             key: event_type.into_owned(),
             body,
-            captured_at_ms: (self.clock)(),
+            captured: (self.clock)(),
         })
     }
 
@@ -240,7 +249,7 @@ impl Router {
             kind,
             key: key.into_owned(),
             body,
-            captured_at_ms: (self.clock)(),
+            captured: (self.clock)(),
         })
     }
 }

@@ -10,8 +10,7 @@
 //! MODE payloads: it moves rows and bytes.
 
 use crate::metrics::Metrics;
-use crate::mode::mqtt::{Session, SessionConfig, SessionEvent};
-use crate::mode::Stamping;
+use crate::mode::{Session, SessionConfig, SessionEvent};
 use crate::outbox::Outbox;
 use crate::registry::{Device, DeviceId};
 use bytes::Bytes;
@@ -78,7 +77,6 @@ pub struct DeviceUplink {
     pub device: Device,
     pub outbox: Outbox,
     pub session: SessionConfig,
-    pub stamping: Stamping,
     pub notify: Arc<Notify>,
     pub downstream: mpsc::Sender<Downstream>,
     pub metrics: Arc<Metrics>,
@@ -147,7 +145,7 @@ impl DeviceUplink {
 
     /// Sends rows and handles answers until the session ends; returns why it ended.
     async fn pump(&mut self, mut session: Session) -> String {
-        let window = self.session.inflight.max(1);
+        let window = session.window(&self.session);
         let mut cursor = 0i64;
         let mut more = true;
         let mut buf = Vec::with_capacity(256);
@@ -158,9 +156,7 @@ impl DeviceUplink {
                     Ok(rows) => {
                         more = rows.len() == room;
                         for row in rows {
-                            let topic =
-                                crate::mode::upstream_message(&row, &self.stamping, &mut buf);
-                            if let Err(e) = session.publish(row.id, topic, buf.clone()) {
+                            if let Err(e) = session.send(&row, &self.session.stamping, &mut buf) {
                                 session.close().await;
                                 return e;
                             }
@@ -187,6 +183,21 @@ impl DeviceUplink {
                     }
                     SessionEvent::Kv(p) => {
                         let _ = self.downstream.send(Downstream::Kv(self.device.id, p)).await;
+                    }
+                    SessionEvent::Rejected { row, status, reason, permanent: true } => {
+                        tracing::error!(device = %self.device.name, row, status, %reason, "MODE refused a message for good; moved to the dead-letter table");
+                        if let Err(e) = self.outbox.dead_letter(row, format!("{status} {reason}")).await {
+                            tracing::error!(device = %self.device.name, error = %e, "cannot move the message to the dead-letter table");
+                        }
+                        more = true;
+                    }
+                    SessionEvent::Rejected { status, reason, .. } => {
+                        // Not sendable now (e.g. a deactivated home): keep it and start over later.
+                        session.close().await;
+                        return format!("MODE refused a message: {status} {reason}");
+                    }
+                    SessionEvent::Throttled(d) => {
+                        tracing::warn!(device = %self.device.name, wait = ?d, "MODE asked to slow down (429); waiting");
                     }
                     SessionEvent::Closed(reason) => return reason,
                 },

@@ -7,9 +7,220 @@
 //! sockets.
 
 pub mod mqtt;
+pub mod rest;
 
-use crate::outbox::{Kind, Row};
+use crate::config::{MqttEndpoint, Secret, Transport};
+use crate::outbox::{Kind, KvChange, KvSnapshot, Row};
+use bytes::Bytes;
 use std::fmt::Write as _;
+use std::time::Duration;
+
+/// How to reach MODE as a device.
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub transport: Transport,
+    /// Device MQTT endpoint (transport = mqtt).
+    pub mqtt: MqttEndpoint,
+    /// REST base URL, e.g. `https://api.tinkermode.com` (transport = rest, and the home watcher).
+    pub api_url: String,
+    pub keepalive: Duration,
+    /// Unacknowledged QoS 1 publishes at once (MQTT; REST sends one at a time to keep order).
+    pub inflight: usize,
+    /// Largest packet either way.
+    pub max_packet: usize,
+    /// Fields the hub adds to events.
+    pub stamping: Stamping,
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// MODE refused the login. `auth`: the key or ID is wrong (retrying will not help).
+    #[error("MODE refused the login ({detail}): check mode_id and the device API key")]
+    Refused { auth: bool, detail: String },
+    #[error("{0}")]
+    Transport(String),
+    #[error("no answer from MODE within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ConnectError {
+    /// A refusal that retrying with the same credentials will not fix.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, ConnectError::Refused { auth: true, .. })
+    }
+}
+
+/// What happened on an open session.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// MODE acknowledged this outbox row (PUBACK, or a 2xx answer).
+    Acked(i64),
+    /// MODE answered this row with an error (REST). `permanent`: sending it again will never
+    /// work (a 4xx other than 401/403/404/408/429), so it belongs in the dead-letter table;
+    /// otherwise (403, 404, 5xx) the row stays and the session ends.
+    Rejected {
+        row: i64,
+        status: u16,
+        reason: String,
+        permanent: bool,
+    },
+    /// MODE asked the hub to slow down (429 + Retry-After): nothing more until then.
+    Throttled(Duration),
+    /// A command (`{"action":..,"parameters":..}`), raw JSON.
+    Command(Bytes),
+    /// A DDP message (`{"action":"reload"|"set"|"delete",...}`), raw JSON.
+    Kv(Bytes),
+    /// The connection ended.
+    Closed(String),
+}
+
+/// One device's connection to MODE, over device MQTT or REST + WebSocket.
+pub enum Session {
+    Mqtt(Box<mqtt::Session>),
+    Rest(Box<rest::Session>),
+}
+
+impl Session {
+    /// Logs in as `mode_id` and subscribes to its commands and kv updates.
+    pub async fn connect(
+        cfg: &SessionConfig,
+        mode_id: u64,
+        key: &Secret,
+    ) -> Result<Session, ConnectError> {
+        match cfg.transport {
+            Transport::Mqtt => Ok(Session::Mqtt(Box::new(
+                mqtt::Session::connect(cfg, mode_id, key).await?,
+            ))),
+            Transport::Rest => Ok(Session::Rest(Box::new(
+                rest::Session::connect(cfg, mode_id, key).await?,
+            ))),
+        }
+    }
+
+    /// Publishes not yet answered.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Session::Mqtt(s) => s.in_flight(),
+            Session::Rest(s) => s.in_flight(),
+        }
+    }
+
+    /// How many may be in flight at once.
+    pub fn window(&self, cfg: &SessionConfig) -> usize {
+        match self {
+            Session::Mqtt(_) => cfg.inflight.max(1),
+            Session::Rest(_) => 1,
+        }
+    }
+
+    /// Sends one outbox row (never blocks; keep `in_flight() < window()`).
+    pub fn send(
+        &mut self,
+        row: &Row,
+        stamping: &Stamping,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Session::Mqtt(s) => {
+                let topic = upstream_message(row, stamping, buf);
+                s.publish(row.id, topic, buf.clone())
+            }
+            Session::Rest(s) => s.send(row, stamping),
+        }
+    }
+
+    /// Drives the connection until something the caller cares about happens.
+    pub async fn next(&mut self) -> SessionEvent {
+        match self {
+            Session::Mqtt(s) => s.next().await,
+            Session::Rest(s) => s.next().await,
+        }
+    }
+
+    /// Says goodbye politely (best effort, bounded).
+    pub async fn close(self) {
+        match self {
+            Session::Mqtt(s) => s.close().await,
+            Session::Rest(s) => s.close().await,
+        }
+    }
+}
+
+/// Parses a DDP message from MODE. `None` (with a reason) for anything malformed.
+pub fn parse_kv(payload: &[u8]) -> Result<KvChange, String> {
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        key: String,
+        #[serde(borrow)]
+        value: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Msg<'a> {
+        action: String,
+        rev: Option<i64>,
+        key: Option<String>,
+        #[serde(borrow)]
+        value: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        items: Option<Vec<Item<'a>>>,
+    }
+    let m: Msg = serde_json::from_slice(payload).map_err(|e| format!("not a DDP message: {e}"))?;
+    match m.action.as_str() {
+        "reload" => Ok(KvChange::Reload {
+            rev: m.rev,
+            items: m
+                .items
+                .unwrap_or_default()
+                .into_iter()
+                .map(|i| {
+                    (
+                        i.key,
+                        i.value
+                            .map(|v| v.get().to_string())
+                            .unwrap_or("null".into()),
+                    )
+                })
+                .collect(),
+        }),
+        "set" | "delete" => {
+            let rev = m.rev.ok_or("a set/delete without rev")?;
+            let key = m.key.ok_or("a set/delete without key")?;
+            if m.action == "set" {
+                let value = m.value.ok_or("a set without value")?.get().to_string();
+                Ok(KvChange::Set { rev, key, value })
+            } else {
+                Ok(KvChange::Delete { rev, key })
+            }
+        }
+        other => Err(format!("unknown DDP action {other:?}")),
+    }
+}
+
+/// MODE's `reload` message for a snapshot of the store.
+pub fn kv_reload_message(snap: &KvSnapshot) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + snap.items.len() * 32);
+    out.extend_from_slice(
+        format!(
+            "{{\"action\":\"reload\",\"rev\":{},\"numItems\":{},\"items\":[",
+            snap.rev,
+            snap.items.len()
+        )
+        .as_bytes(),
+    );
+    for (i, (k, v)) in snap.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"key\":");
+        serde_json::to_writer(&mut out, k).expect("writing to a Vec cannot fail");
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
 
 pub fn event_topic(mode_id: u64) -> String {
     format!("/devices/{mode_id}/event")
@@ -72,7 +283,7 @@ fn write_event(row: &Row, stamping: &Stamping, out: &mut Vec<u8>) {
     }
     if !stamping.captured_at_field.is_empty() {
         push_field(&mut extra, &stamping.captured_at_field);
-        let _ = write!(extra, "\"{}\"", rfc3339_ms(row.captured_at_ms));
+        let _ = write!(extra, "\"{}\"", rfc3339_ms(row.captured.wall_ms));
     }
     out.push(b'{');
     out.extend_from_slice(inner.as_bytes());
@@ -123,7 +334,7 @@ mod tests {
             key: key.into(),
             body: body.into(),
             dev_seq: 7,
-            captured_at_ms: 1_700_000_000_123,
+            captured: crate::outbox::Capture::at(1_700_000_000_123),
         }
     }
 

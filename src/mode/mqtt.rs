@@ -7,8 +7,9 @@
 //! new one, so nothing queued inside rumqttc is ever replayed behind the outbox's back. This
 //! module must not decide *what* to send or when to retry: that is the uplink's job.
 
-use crate::config::{MqttEndpoint, Secret};
-use bytes::Bytes;
+use super::{ConnectError, SessionConfig, SessionEvent};
+use crate::config::Secret;
+
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
     Packet, QoS, TlsConfiguration, Transport,
@@ -17,54 +18,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// How to reach MODE's MQTT endpoint.
-#[derive(Clone)]
-pub struct SessionConfig {
-    pub endpoint: MqttEndpoint,
-    pub keepalive: Duration,
-    /// Unacknowledged QoS 1 publishes at once.
-    pub inflight: usize,
-    /// Largest packet either way.
-    pub max_packet: usize,
-}
-
-/// Why a session could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// MODE answered CONNACK with a refusal: the key or ID is wrong, or the device is not allowed.
-    #[error("MODE refused the login ({0:?}): check mode_id and the device API key")]
-    Refused(ConnectReturnCode),
-    #[error("{0}")]
-    Transport(String),
-    #[error("no answer from MODE within {0:?}")]
-    Timeout(Duration),
-}
-
-impl ConnectError {
-    /// A refusal that retrying with the same credentials will not fix.
-    pub fn is_auth(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Refused(
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
-            )
-        )
-    }
-}
-
-/// What happened on an open session.
-#[derive(Debug)]
-pub enum SessionEvent {
-    /// MODE acknowledged the publish of this outbox row.
-    Acked(i64),
-    /// A command (`/devices/{id}/command`), raw JSON.
-    Command(Bytes),
-    /// A DDP message (`/devices/{id}/kv`), raw JSON.
-    Kv(Bytes),
-    /// The connection ended.
-    Closed(String),
-}
-
 pub struct Session {
     client: AsyncClient,
     eventloop: EventLoop,
@@ -72,6 +25,16 @@ pub struct Session {
     unsent: VecDeque<i64>,
     /// Packet id -> outbox row, for publishes awaiting PUBACK.
     by_pkid: HashMap<u16, i64>,
+}
+
+fn refused(code: ConnectReturnCode) -> ConnectError {
+    ConnectError::Refused {
+        auth: matches!(
+            code,
+            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+        ),
+        detail: format!("{code:?}"),
+    }
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -109,14 +72,14 @@ impl Session {
         mode_id: u64,
         key: &Secret,
     ) -> Result<Session, ConnectError> {
-        let mut opts = MqttOptions::new("", cfg.endpoint.host.clone(), cfg.endpoint.port);
+        let mut opts = MqttOptions::new("", cfg.mqtt.host.clone(), cfg.mqtt.port);
         opts.set_credentials(mode_id.to_string(), key.expose())
             .set_clean_session(true)
             .set_keep_alive(cfg.keepalive)
             .set_inflight(cfg.inflight.clamp(1, u16::MAX as usize) as u16)
             .set_max_packet_size(cfg.max_packet, cfg.max_packet)
             .set_request_channel_capacity(cfg.inflight + 8);
-        if cfg.endpoint.tls {
+        if cfg.mqtt.tls {
             let tls = tls_config().map_err(ConnectError::Transport)?;
             opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
@@ -127,13 +90,11 @@ impl Session {
         loop {
             match tokio::time::timeout(CONNECT_TIMEOUT, eventloop.poll()).await {
                 Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT)),
-                Ok(Err(ConnectionError::ConnectionRefused(code))) => {
-                    return Err(ConnectError::Refused(code))
-                }
+                Ok(Err(ConnectionError::ConnectionRefused(code))) => return Err(refused(code)),
                 Ok(Err(e)) => return Err(ConnectError::Transport(e.to_string())),
                 Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                     if ack.code != ConnectReturnCode::Success {
-                        return Err(ConnectError::Refused(ack.code));
+                        return Err(refused(ack.code));
                     }
                     break;
                 }

@@ -81,6 +81,9 @@ struct Args {
     /// Skip the Mosquitto runs (e.g. when it is not installed).
     #[arg(long)]
     no_mosquitto: bool,
+    /// Run only these systems (modehub, base, mosquitto, rumqttd, outbox, scale), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -370,8 +373,11 @@ impl Fleet {
         let mut tasks = Vec::new();
         let mut ready = Vec::new();
         for (i, l) in logins.iter().enumerate() {
-            let mut opts =
-                MqttOptions::new(format!("bench-sensor-{i}"), addr.ip().to_string(), addr.port());
+            let mut opts = MqttOptions::new(
+                format!("bench-sensor-{i}"),
+                addr.ip().to_string(),
+                addr.port(),
+            );
             opts.set_credentials(l.user.clone(), l.pass.clone())
                 .set_keep_alive(Duration::from_secs(30))
                 .set_inflight(inflight)
@@ -451,8 +457,7 @@ impl Fleet {
             let topic = self.topics[i].clone();
             pubs.push(tokio::spawn(async move {
                 for n in 0..per_sensor as u64 {
-                    if c
-                        .publish(topic.as_str(), QoS::AtLeastOnce, false, payload(size, i, n))
+                    if c.publish(topic.as_str(), QoS::AtLeastOnce, false, payload(size, i, n))
                         .await
                         .is_err()
                     {
@@ -487,8 +492,7 @@ impl Fleet {
                         return;
                     }
                     tokio::time::sleep_until(at).await;
-                    if c
-                        .publish(topic.as_str(), QoS::AtLeastOnce, false, payload(size, i, n))
+                    if c.publish(topic.as_str(), QoS::AtLeastOnce, false, payload(size, i, n))
                         .await
                         .is_err()
                     {
@@ -592,12 +596,23 @@ struct Plan {
 
 /// Idle RSS, latency at a fixed rate, then full-speed ingest and end-to-end, with the broker's
 /// `/proc` figures around each phase. `fleet` is connected, `rx` receives at the cloud end.
-async fn measure(plan: &Plan, pid: u32, fleet: &Fleet, rx: &Receiver, f: &mut Figures) -> Result<()> {
+async fn measure(
+    plan: &Plan,
+    pid: u32,
+    fleet: &Fleet,
+    rx: &Receiver,
+    f: &mut Figures,
+) -> Result<()> {
     // Warm-up: one event end to end proves the path (bridge, upstream session) is up.
     let c0 = rx.count.load(Relaxed);
     let a0 = fleet.acked.load(Relaxed);
     fleet.clients[0]
-        .publish(fleet.topics[0].as_str(), QoS::AtLeastOnce, false, payload(plan.payload, 0, 0))
+        .publish(
+            fleet.topics[0].as_str(),
+            QoS::AtLeastOnce,
+            false,
+            payload(plan.payload, 0, 0),
+        )
         .await?;
     if rx.wait_for(c0 + 1, Duration::from_secs(30)).await.is_none() {
         bail!("the warm-up event did not reach the cloud within 30 s");
@@ -651,7 +666,10 @@ async fn measure(plan: &Plan, pid: u32, fleet: &Fleet, rx: &Receiver, f: &mut Fi
         let a0 = fleet.acked.load(Relaxed);
         let started = Instant::now();
         let publish = fleet.full_speed(per, plan.payload);
-        let (_, acked_at) = tokio::join!(publish, fleet.wait_acked(a0 + total, Duration::from_secs(300)));
+        let (_, acked_at) = tokio::join!(
+            publish,
+            fleet.wait_acked(a0 + total, Duration::from_secs(300))
+        );
         let delivered_at = rx.wait_for(c0 + total, Duration::from_secs(300)).await;
         let s1 = sample(pid)?;
         match acked_at {
@@ -686,10 +704,19 @@ async fn measure(plan: &Plan, pid: u32, fleet: &Fleet, rx: &Receiver, f: &mut Fi
 const MODE_ID_BASE: u64 = 100_000;
 
 fn device_key(i: usize) -> String {
-    format!("v1.bench.{i}.k{:016x}", 0x5eed_u64.wrapping_mul(i as u64 + 7))
+    format!(
+        "v1.bench.{i}.k{:016x}",
+        0x5eed_u64.wrapping_mul(i as u64 + 7)
+    )
 }
 
-async fn run_modehub(args: &Args, plan: &Plan, bin: &Path, devices: usize, tag: &str) -> Result<Figures> {
+async fn run_modehub(
+    args: &Args,
+    plan: &Plan,
+    bin: &Path,
+    devices: usize,
+    tag: &str,
+) -> Result<Figures> {
     let mut f = Figures::default();
     let seed = Seed {
         device: (0..devices)
@@ -768,7 +795,10 @@ async fn run_modehub(args: &Args, plan: &Plan, bin: &Path, devices: usize, tag: 
     }
     f.set("startup_s", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    f.set("rss_idle_no_clients_mb", sample(hub.pid())?.rss_kb as f64 / 1024.0);
+    f.set(
+        "rss_idle_no_clients_mb",
+        sample(hub.pid())?.rss_kb as f64 / 1024.0,
+    );
 
     let logins: Vec<Login> = (0..plan.sensors.min(devices))
         .map(|i| Login {
@@ -889,7 +919,12 @@ async fn run_rumqttd(args: &Args, plan: &Plan) -> Result<Figures> {
     for i in 0..plan.sensors {
         cmd.arg(format!("s{i}:pw{i}"));
     }
-    let mut broker = Proc::spawn("rumqttd-alone", &mut cmd, &dir.join("rumqttd.log"), &args.pidfile)?;
+    let mut broker = Proc::spawn(
+        "rumqttd-alone",
+        &mut cmd,
+        &dir.join("rumqttd.log"),
+        &args.pidfile,
+    )?;
     wait_port(addr, Duration::from_secs(10), &mut broker).await?;
     let logins: Vec<Login> = (0..plan.sensors)
         .map(|i| Login {
@@ -939,12 +974,24 @@ async fn run_outbox(args: &Args, plan: &Plan) -> Result<Figures> {
         .context("running outbox_alone")?;
     let _ = std::fs::remove_dir_all(&dir);
     if !out.status.success() {
-        bail!("outbox_alone failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "outbox_alone failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    f.set("ingest_per_s", v["appends_per_s"].as_f64().unwrap_or(f64::NAN));
-    f.set("disk_per_event", v["write_bytes_per_row"].as_f64().unwrap_or(f64::NAN));
-    f.set("rows_per_commit", v["rows_per_commit"].as_f64().unwrap_or(f64::NAN));
+    f.set(
+        "ingest_per_s",
+        v["appends_per_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    f.set(
+        "disk_per_event",
+        v["write_bytes_per_row"].as_f64().unwrap_or(f64::NAN),
+    );
+    f.set(
+        "rows_per_commit",
+        v["rows_per_commit"].as_f64().unwrap_or(f64::NAN),
+    );
     Ok(f)
 }
 
@@ -978,16 +1025,32 @@ const FIGURES: &[(&str, &str, bool)] = &[
     // key, label, higher is better
     ("ingest_per_s", "local ingest, PUBACKs/s (full speed)", true),
     ("e2e_per_s", "end-to-end delivered/s (full speed)", true),
-    ("lat_p50_ms", "latency p50, ms (publish -> cloud, fixed rate)", false),
+    (
+        "lat_p50_ms",
+        "latency p50, ms (publish -> cloud, fixed rate)",
+        false,
+    ),
     ("lat_p99_ms", "latency p99, ms", false),
     ("lat_p999_ms", "latency p99.9, ms", false),
     ("lat_max_ms", "latency max, ms", false),
     ("rss_idle_mb", "RSS idle, MB (sensors connected)", false),
     ("rss_peak_mb", "RSS peak (VmHWM), MB", false),
     ("cpu_per_100k", "CPU s per 100k msgs (full speed)", false),
-    ("cpu_per_100k_rate", "CPU s per 100k msgs (fixed rate)", false),
-    ("disk_per_event", "disk bytes written per event (full speed)", false),
-    ("disk_per_event_rate", "disk bytes written per event (fixed rate)", false),
+    (
+        "cpu_per_100k_rate",
+        "CPU s per 100k msgs (fixed rate)",
+        false,
+    ),
+    (
+        "disk_per_event",
+        "disk bytes written per event (full speed)",
+        false,
+    ),
+    (
+        "disk_per_event_rate",
+        "disk bytes written per event (fixed rate)",
+        false,
+    ),
 ];
 
 fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) -> String {
@@ -1004,7 +1067,10 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
         let _ = writeln!(s, "| figure | modehub | {base} | mosquitto+bridge | modehub / mosquitto | modehub / {base} |");
         let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
     } else {
-        let _ = writeln!(s, "| figure | modehub | mosquitto+bridge | modehub / mosquitto |");
+        let _ = writeln!(
+            s,
+            "| figure | modehub | mosquitto+bridge | modehub / mosquitto |"
+        );
         let _ = writeln!(s, "|---|---:|---:|---:|");
     }
     for (k, label, _) in FIGURES {
@@ -1012,9 +1078,23 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
         let m = res.med("mosquitto", k);
         if has_base {
             let b = res.med(&base, k);
-            let _ = writeln!(s, "| {label} | {} | {} | {} | {} | {} |", fmt_num(a), fmt_num(b), fmt_num(m), ratio(a, m), ratio(a, b));
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                fmt_num(a),
+                fmt_num(b),
+                fmt_num(m),
+                ratio(a, m),
+                ratio(a, b)
+            );
         } else {
-            let _ = writeln!(s, "| {label} | {} | {} | {} |", fmt_num(a), fmt_num(m), ratio(a, m));
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} |",
+                fmt_num(a),
+                fmt_num(m),
+                ratio(a, m)
+            );
         }
     }
     let _ = writeln!(s, "\n### Ceilings (same load, same disk)\n");
@@ -1023,14 +1103,63 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
     let hi = res.med(hub, "ingest_per_s");
     let r = res.med("rumqttd", "ingest_per_s");
     let o = res.med("outbox", "ingest_per_s");
-    let _ = writeln!(s, "| local ingest vs rumqttd alone, PUBACKs/s | {} | {} | {} |", fmt_num(hi), fmt_num(r), ratio(hi, r));
-    let _ = writeln!(s, "| local ingest vs outbox append alone, rows/s | {} | {} | {} |", fmt_num(hi), fmt_num(o), ratio(hi, o));
+    let _ = writeln!(
+        s,
+        "| local ingest vs rumqttd alone, PUBACKs/s | {} | {} | {} |",
+        fmt_num(hi),
+        fmt_num(r),
+        ratio(hi, r)
+    );
+    let _ = writeln!(
+        s,
+        "| local ingest vs outbox append alone, rows/s | {} | {} | {} |",
+        fmt_num(hi),
+        fmt_num(o),
+        ratio(hi, o)
+    );
     let he = res.med(hub, "e2e_per_s");
-    let _ = writeln!(s, "| end-to-end vs outbox append alone | {} | {} | {} |", fmt_num(he), fmt_num(o), ratio(he, o));
-    let _ = writeln!(s, "| RSS idle vs rumqttd alone, MB | {} | {} | {} |", fmt_num(res.med(hub, "rss_idle_mb")), fmt_num(res.med("rumqttd", "rss_idle_mb")), ratio(res.med(hub, "rss_idle_mb"), res.med("rumqttd", "rss_idle_mb")));
-    let _ = writeln!(s, "| CPU s per 100k vs rumqttd alone | {} | {} | {} |", fmt_num(res.med(hub, "cpu_per_100k")), fmt_num(res.med("rumqttd", "cpu_per_100k")), ratio(res.med(hub, "cpu_per_100k"), res.med("rumqttd", "cpu_per_100k")));
-    let _ = writeln!(s, "| disk bytes per event vs outbox alone | {} | {} | {} |", fmt_num(res.med(hub, "disk_per_event")), fmt_num(res.med("outbox", "disk_per_event")), ratio(res.med(hub, "disk_per_event"), res.med("outbox", "disk_per_event")));
-    let _ = writeln!(s, "\noutbox alone: {} rows per commit (median).", fmt_num(res.med("outbox", "rows_per_commit")));
+    let _ = writeln!(
+        s,
+        "| end-to-end vs outbox append alone | {} | {} | {} |",
+        fmt_num(he),
+        fmt_num(o),
+        ratio(he, o)
+    );
+    let _ = writeln!(
+        s,
+        "| RSS idle vs rumqttd alone, MB | {} | {} | {} |",
+        fmt_num(res.med(hub, "rss_idle_mb")),
+        fmt_num(res.med("rumqttd", "rss_idle_mb")),
+        ratio(
+            res.med(hub, "rss_idle_mb"),
+            res.med("rumqttd", "rss_idle_mb")
+        )
+    );
+    let _ = writeln!(
+        s,
+        "| CPU s per 100k vs rumqttd alone | {} | {} | {} |",
+        fmt_num(res.med(hub, "cpu_per_100k")),
+        fmt_num(res.med("rumqttd", "cpu_per_100k")),
+        ratio(
+            res.med(hub, "cpu_per_100k"),
+            res.med("rumqttd", "cpu_per_100k")
+        )
+    );
+    let _ = writeln!(
+        s,
+        "| disk bytes per event vs outbox alone | {} | {} | {} |",
+        fmt_num(res.med(hub, "disk_per_event")),
+        fmt_num(res.med("outbox", "disk_per_event")),
+        ratio(
+            res.med(hub, "disk_per_event"),
+            res.med("outbox", "disk_per_event")
+        )
+    );
+    let _ = writeln!(
+        s,
+        "\noutbox alone: {} rows per commit (median).",
+        fmt_num(res.med("outbox", "rows_per_commit"))
+    );
 
     let _ = writeln!(s, "\n### modehub with more configured devices (one upstream session each; {} publishing sensors)\n", plan.sensors);
     let _ = writeln!(s, "| devices | startup s | RSS idle, no clients MB | RSS idle MB | RSS peak MB | ingest/s | e2e/s | p99 ms | ingest vs {} devices |", plan.sensors);
@@ -1055,15 +1184,29 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
     }
     if let Some((d, sys)) = rows.last() {
         if *d > plan.sensors {
-            let per = (res.med(sys, "rss_idle_no_clients_mb") - res.med(hub, "rss_idle_no_clients_mb")) * 1024.0
+            let per = (res.med(sys, "rss_idle_no_clients_mb")
+                - res.med(hub, "rss_idle_no_clients_mb"))
+                * 1024.0
                 / (*d - plan.sensors) as f64;
-            let _ = writeln!(s, "\nmemory per configured device (idle, {} -> {d} devices): {} KB", plan.sensors, fmt_num(per));
+            let _ = writeln!(
+                s,
+                "\nmemory per configured device (idle, {} -> {d} devices): {} KB",
+                plan.sensors,
+                fmt_num(per)
+            );
         }
     }
     let _ = writeln!(s, "\n### Every run (for the spread)\n");
     for (sys, runs) in &res.runs {
         let _ = writeln!(s, "- {sys} ({} runs)", runs.len());
-        for k in ["ingest_per_s", "e2e_per_s", "lat_p99_ms", "rss_idle_mb", "cpu_per_100k", "disk_per_event"] {
+        for k in [
+            "ingest_per_s",
+            "e2e_per_s",
+            "lat_p99_ms",
+            "rss_idle_mb",
+            "cpu_per_100k",
+            "disk_per_event",
+        ] {
             let v = res.all(sys, k);
             if v.iter().any(|x| x.is_finite()) {
                 let list: Vec<String> = v.iter().map(|x| fmt_num(*x)).collect();
@@ -1090,19 +1233,27 @@ async fn run(args: Args) -> Result<()> {
         sensors: args.sensors.max(1),
         payload: args.payload,
         inflight: args.inflight,
-        messages: args.messages.unwrap_or(if args.quick { 4_000 } else { 40_000 }),
+        messages: args
+            .messages
+            .unwrap_or(if args.quick { 4_000 } else { 40_000 }),
         rate: args.rate,
         latency_secs: args.latency_secs.unwrap_or(if args.quick { 3 } else { 8 }),
     };
     let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 5 });
-    let scale = args
-        .scale
-        .clone()
-        .unwrap_or_else(|| if args.quick { vec![100] } else { vec![100, 1000] });
+    let scale = args.scale.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![100]
+        } else {
+            vec![100, 1000]
+        }
+    });
     std::fs::create_dir_all(&args.work)?;
     for bin in [&args.hub_bin, &args.rumqttd_bin, &args.outbox_bin] {
         if !bin.exists() {
-            bail!("{} not found: build it first (benches/compare.sh does)", bin.display());
+            bail!(
+                "{} not found: build it first (benches/compare.sh does)",
+                bin.display()
+            );
         }
     }
     let hub = "modehub".to_string();
@@ -1110,20 +1261,33 @@ async fn run(args: Args) -> Result<()> {
     let mut res = Results::default();
     let t0 = Instant::now();
     for r in 0..repeats {
-        eprintln!("== repeat {}/{repeats} ({:.0} s so far)", r + 1, t0.elapsed().as_secs_f64());
+        eprintln!(
+            "== repeat {}/{repeats} ({:.0} s so far)",
+            r + 1,
+            t0.elapsed().as_secs_f64()
+        );
         // Alternate which system goes first, so drift on the machine hits both alike.
         let mut order: Vec<&str> = vec!["modehub", "base", "mosquitto", "rumqttd", "outbox"];
         if r % 2 == 1 {
             order.swap(0, 2);
         }
-        for sys in order {
+        let wanted = |s: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
+        for sys in order.into_iter().filter(|s| wanted(s)) {
             let out = match sys {
-                "modehub" => Some((hub.clone(), run_modehub(&args, &plan, &args.hub_bin, plan.sensors, "modehub").await)),
+                "modehub" => Some((
+                    hub.clone(),
+                    run_modehub(&args, &plan, &args.hub_bin, plan.sensors, "modehub").await,
+                )),
                 "base" => match &args.baseline {
-                    Some(b) => Some((base.clone(), run_modehub(&args, &plan, b, plan.sensors, "baseline").await)),
+                    Some(b) => Some((
+                        base.clone(),
+                        run_modehub(&args, &plan, b, plan.sensors, "baseline").await,
+                    )),
                     None => None,
                 },
-                "mosquitto" if !args.no_mosquitto => Some(("mosquitto".into(), run_mosquitto(&args, &plan).await)),
+                "mosquitto" if !args.no_mosquitto => {
+                    Some(("mosquitto".into(), run_mosquitto(&args, &plan).await))
+                }
                 "rumqttd" => Some(("rumqttd".into(), run_rumqttd(&args, &plan).await)),
                 "outbox" => Some(("outbox".into(), run_outbox(&args, &plan).await)),
                 _ => None,
@@ -1131,26 +1295,34 @@ async fn run(args: Args) -> Result<()> {
             if let Some((name, r)) = out {
                 match r {
                     Ok(f) => {
-                        eprintln!("  {name:<16} ingest {:>8}/s  e2e {:>8}/s  p99 {:>7} ms  idle {:>6} MB",
+                        eprintln!(
+                            "  {name:<16} ingest {:>8}/s  e2e {:>8}/s  p99 {:>7} ms  idle {:>6} MB",
                             fmt_num(f.0.get("ingest_per_s").copied().unwrap_or(f64::NAN)),
                             fmt_num(f.0.get("e2e_per_s").copied().unwrap_or(f64::NAN)),
                             fmt_num(f.0.get("lat_p99_ms").copied().unwrap_or(f64::NAN)),
-                            fmt_num(f.0.get("rss_idle_mb").copied().unwrap_or(f64::NAN)));
+                            fmt_num(f.0.get("rss_idle_mb").copied().unwrap_or(f64::NAN))
+                        );
                         res.add(&name, f);
                     }
                     Err(e) => eprintln!("  {name}: run failed: {e:#}"),
                 }
             }
         }
-        for d in &scale {
+        for d in scale.iter().filter(|_| wanted("scale")) {
             let name = format!("modehub-{d}");
             match run_modehub(&args, &plan, &args.hub_bin, *d, "modehub").await {
                 Ok(f) => {
-                    eprintln!("  {name:<16} startup {:>6} s  idle {:>6} MB  ingest {:>8}/s  e2e {:>8}/s",
+                    eprintln!(
+                        "  {name:<16} startup {:>6} s  idle {:>6} MB  ingest {:>8}/s  e2e {:>8}/s",
                         fmt_num(f.0.get("startup_s").copied().unwrap_or(f64::NAN)),
-                        fmt_num(f.0.get("rss_idle_no_clients_mb").copied().unwrap_or(f64::NAN)),
+                        fmt_num(
+                            f.0.get("rss_idle_no_clients_mb")
+                                .copied()
+                                .unwrap_or(f64::NAN)
+                        ),
                         fmt_num(f.0.get("ingest_per_s").copied().unwrap_or(f64::NAN)),
-                        fmt_num(f.0.get("e2e_per_s").copied().unwrap_or(f64::NAN)));
+                        fmt_num(f.0.get("e2e_per_s").copied().unwrap_or(f64::NAN))
+                    );
                     res.add(&name, f);
                 }
                 Err(e) => eprintln!("  {name}: run failed: {e:#}"),

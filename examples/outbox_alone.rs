@@ -7,7 +7,7 @@
 //! cargo run --release --example outbox_alone -- DIR [MESSAGES] [WRITERS] [WINDOW] [BODY_BYTES] [full]
 //! ```
 
-use modehub::outbox::{Kind, NewRecord, Notifier, Outbox};
+use modehub::outbox::{Capture, Kind, NewRecord, Notifier, Outbox};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -18,7 +18,10 @@ fn write_bytes() -> u64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:").map(|v| v.trim().parse().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("write_bytes:")
+                        .map(|v| v.trim().parse().ok())
+                })
                 .flatten()
         })
         .unwrap_or(0)
@@ -44,7 +47,10 @@ async fn main() -> anyhow::Result<()> {
 
     let noop: Notifier = Arc::new(|_| {});
     let (outbox, thread) = Outbox::open(&dir, sync_full, noop)?;
-    let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(body_bytes.saturating_sub(10)));
+    let body = format!(
+        "{{\"pad\":\"{}\"}}",
+        "x".repeat(body_bytes.saturating_sub(10))
+    );
     let per_writer = messages / writers;
     let before = write_bytes();
     let started = Instant::now();
@@ -64,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
                     kind: Kind::Event,
                     key: "bench".into(),
                     body: body.clone(),
-                    captured_at_ms: 1,
+                    captured: Capture::at(1),
                 };
                 pending.push_back(outbox.submit(rec).await?);
             }

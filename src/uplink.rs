@@ -162,7 +162,9 @@ impl DeviceUplink {
         let mut more = true;
         let mut buf = Vec::with_capacity(256);
         loop {
-            if more && session.in_flight() < window {
+            // Refill when half the window is free: one outbox read per batch of PUBACKs, not one
+            // read (a round trip through the writer thread) per PUBACK.
+            if more && session.in_flight() <= window / 2 {
                 let room = window - session.in_flight();
                 match self.outbox.fetch(self.device.mode_id, cursor, room).await {
                     Ok(rows) => {

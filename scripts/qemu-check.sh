@@ -36,7 +36,8 @@ for f in dist/modehub-*; do
 done
 
 hub_bin=""
-for t in aarch64-unknown-linux-gnu aarch64-unknown-linux-musl; do
+# QEMU_HUB_TARGET=aarch64-unknown-linux-musl runs the hub from the static build instead.
+for t in ${QEMU_HUB_TARGET:-} aarch64-unknown-linux-gnu aarch64-unknown-linux-musl; do
   [ -x "dist/modehub-$t" ] && { hub_bin="dist/modehub-$t"; hub_t=$t; break; }
 done
 [ -n "$hub_bin" ] || fail "no aarch64 binary in dist/"

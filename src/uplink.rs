@@ -20,10 +20,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 
 /// Something MODE sent to one device.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Downstream {
     Command(DeviceId, Bytes),
     Kv(DeviceId, Bytes),
+    /// A kv message that must be in the mirror before the uplink sends anything: the store
+    /// read at (re)connect over REST, which has no revisions to order it against local changes
+    /// acknowledged afterwards. The sender is answered once it is applied.
+    KvBarrier(DeviceId, Bytes, tokio::sync::oneshot::Sender<()>),
 }
 
 /// Upstream session state of one device, for status and health.
@@ -146,6 +150,14 @@ impl DeviceUplink {
     /// Sends rows and handles answers until the session ends; returns why it ended.
     async fn pump(&mut self, mut session: Session) -> String {
         let window = session.window(&self.session);
+        if let Some(reload) = session.take_initial_kv() {
+            let (done, applied) = tokio::sync::oneshot::channel();
+            let _ = self
+                .downstream
+                .send(Downstream::KvBarrier(self.device.id, reload, done))
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), applied).await;
+        }
         let mut cursor = 0i64;
         let mut more = true;
         let mut buf = Vec::with_capacity(256);

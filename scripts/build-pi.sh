@@ -60,6 +60,10 @@ if [ "$what" != musl ]; then
 fi
 
 if [ "$what" != gnu ]; then
+  # zig links these itself: the Debian gcc settings of the glibc builds must not leak in
+  # (they would link the glibc-2.28 build against this machine's newer glibc).
+  unset CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER CC_aarch64_unknown_linux_gnu AR_aarch64_unknown_linux_gnu
+  unset CARGO_TARGET_ARMV7_UNKNOWN_LINUX_GNUEABIHF_LINKER CC_armv7_unknown_linux_gnueabihf AR_armv7_unknown_linux_gnueabihf
   if ! python3 -m ziglang version >/dev/null 2>&1; then
     echo "== pip install ziglang"
     python3 -m pip install --quiet ziglang
@@ -83,6 +87,12 @@ if [ "$what" != gnu ]; then
     # A separate target dir keeps zig-linked objects apart from the Debian-gcc ones.
     time cargo zigbuild --release --locked --target "$build" --target-dir target/zig
     record "$build" "target/zig/${build%%.2.28}/release/modehub"
+    if [ "$build" != "$t" ]; then
+      need=$(objdump -T "dist/modehub-$build" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
+      [ "$need" = GLIBC_2.28 ] || [ "$(printf '%s\nGLIBC_2.28\n' "$need" | sort -V | tail -1)" = GLIBC_2.28 ] \
+        || { echo "FAIL: $build needs $need" >&2; exit 1; }
+      echo "   $build needs at most $need"
+    fi
   done
 fi
 

@@ -262,9 +262,13 @@ impl ClockWatch {
         if now_synced && !was {
             out.became_synced = true;
             self.repair_rounds.store(2, Relaxed);
-            tracing::info!("the system clock is synchronised: repairing capture times of this boot");
+            tracing::info!(
+                "the system clock is synchronised: repairing capture times of this boot"
+            );
         } else if !now_synced && was {
-            tracing::warn!("the system clock lost synchronisation: new captures are marked unsynchronised");
+            tracing::warn!(
+                "the system clock lost synchronisation: new captures are marked unsynchronised"
+            );
         }
         if now_synced && self.repair_rounds.load(Relaxed) > 0 {
             match outbox.repair_capture(self.src.boot_id(), offset).await {
@@ -359,7 +363,13 @@ mod tests {
         assert_eq!(c.wall_ms, real_now + 10);
         // A second round runs once more, then no more repairs.
         assert_eq!(w.check(&ob).await.repaired, 0);
-        assert_eq!(w.check(&ob).await, Check { synced: true, ..Check::default() });
+        assert_eq!(
+            w.check(&ob).await,
+            Check {
+                synced: true,
+                ..Check::default()
+            }
+        );
     }
 
     #[tokio::test]

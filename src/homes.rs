@@ -188,8 +188,10 @@ impl Homes {
                     match new {
                         HomeState::Deactivated => tracing::warn!(home, devices = ?st.devices,
                             "home is DEACTIVATED in MODE: holding its devices' events and kv changes in the outbox (commands still flow)"),
-                        _ if st.state == HomeState::Deactivated => tracing::info!(home,
-                            "home is active again: sending what was held, in order"),
+                        _ if st.state == HomeState::Deactivated => tracing::info!(
+                            home,
+                            "home is active again: sending what was held, in order"
+                        ),
                         _ => tracing::info!(home, "home is active"),
                     }
                     st.state = new;

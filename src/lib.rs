@@ -8,9 +8,9 @@
 //! benchmarks and the demo in [`emulator`].
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod demo;
-pub mod clock;
 pub mod downlink;
 #[cfg(not(modehub_no_emulator))]
 pub mod emulator;
@@ -60,7 +60,6 @@ pub struct StartOptions {
     /// monotonic, synchronised or not, repaired once synchronised).
     pub clock: Option<Clock>,
 }
-
 
 impl Hub {
     /// Opens the outbox, starts the local broker and one uplink per device.

@@ -207,7 +207,10 @@ fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {
             d.unsynced
         );
     }
-    println!("total: {rows} rows, {bytes} bytes; {} commands waiting for their device", report.pending_commands);
+    println!(
+        "total: {rows} rows, {bytes} bytes; {} commands waiting for their device",
+        report.pending_commands
+    );
     println!("dead letters: {}", report.dead_letters_total);
     for dl in &report.dead_letters {
         println!(

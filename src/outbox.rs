@@ -1388,7 +1388,10 @@ mod tests {
         unsynced.captured.synced = false;
         ob.append(unsynced).await.unwrap();
         let first = ob.fetch(5, 0, 1).await.unwrap()[0].id;
-        assert!(ob.dead_letter(first, "400 INVALID_INPUT".into()).await.unwrap());
+        assert!(ob
+            .dead_letter(first, "400 INVALID_INPUT".into())
+            .await
+            .unwrap());
         // The writer still holds the database open.
         let r = inspect(dir.path(), 10).unwrap();
         assert!(r.schema_version > 0);

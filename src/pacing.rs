@@ -456,7 +456,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn live_goes_ahead_of_a_waiting_replay() {
         let p = Pacer::new(60, 540); // 1/s, burst 3
-        // Drain the replay's share.
+                                     // Drain the replay's share.
         p.acquire(Class::Backlog).await;
         p.acquire(Class::Backlog).await;
         let replay = {

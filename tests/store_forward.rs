@@ -20,8 +20,15 @@ use std::time::Duration;
 /// Pacing out of the way, for tests that are about something else.
 const FAST: &str = "max_messages_per_minute = 100000\nmax_project_messages_per_minute = 1000000\n";
 
-fn config(emu: &modehub::emulator::Emulator, dir: &Path, n: usize, cloud: &str, hub: &str) -> Config {
-    let text = hub_config_text(emu, dir, n, cloud).replacen("[hub]\n", &format!("[hub]\n{hub}\n"), 1);
+fn config(
+    emu: &modehub::emulator::Emulator,
+    dir: &Path,
+    n: usize,
+    cloud: &str,
+    hub: &str,
+) -> Config {
+    let text =
+        hub_config_text(emu, dir, n, cloud).replacen("[hub]\n", &format!("[hub]\n{hub}\n"), 1);
     Config::parse(&text, dir).unwrap_or_else(|e| panic!("config: {e:?}\n{text}"))
 }
 
@@ -31,13 +38,19 @@ fn project_key(dir: &Path) -> String {
     let path = dir.join("project.key");
     std::fs::write(&path, "v1.project\n").unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    format!("project_key_file = \"{}\"\nhome_poll_interval_secs = 5\n", path.display())
+    format!(
+        "project_key_file = \"{}\"\nhome_poll_interval_secs = 5\n",
+        path.display()
+    )
 }
 
 async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -80,26 +93,32 @@ async fn deactivated_home_is_held_and_released_in_order_while_the_other_home_flo
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
     let cloud = project_key(dir.path());
-    let hub = Hub::start(config(&emu, dir.path(), 2, &cloud, "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 2, &cloud, ""))
+        .await
+        .unwrap();
     until("both homes active", Duration::from_secs(10), || {
         home_state(&hub, 42) == HomeState::Active && home_state(&hub, 43) == HomeState::Active
     })
     .await;
 
     h.set_home_deactivated(42, true);
-    until("the watcher to see home 42 deactivated", Duration::from_secs(15), || {
-        home_state(&hub, 42) == HomeState::Deactivated
-    })
+    until(
+        "the watcher to see home 42 deactivated",
+        Duration::from_secs(15),
+        || home_state(&hub, 42) == HomeState::Deactivated,
+    )
     .await;
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..20).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..20).map(event_json).collect())
+        .await;
     s0.publish_all(
         "/devices/dev0/kv",
         vec![r#"{"action":"set","key":"mode","value":"away"}"#],
     )
     .await;
-    s1.publish_all("/devices/dev1/event", (0..20).map(event_json).collect()).await;
+    s1.publish_all("/devices/dev1/event", (0..20).map(event_json).collect())
+        .await;
     // The other home flows...
     let other = wait_events(&h, device_id(1), 20).await;
     assert_eq!(ns(&other), (0..20).collect::<Vec<_>>());
@@ -122,11 +141,21 @@ async fn deactivated_home_is_held_and_released_in_order_while_the_other_home_flo
 
     h.set_home_deactivated(42, false);
     let got = wait_events(&h, device_id(0), 20).await;
-    assert_eq!(ns(&got), (0..20).collect::<Vec<_>>(), "held events in their original order");
-    let seqs: Vec<u64> = got.iter().map(|e| e.event_data["_seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        ns(&got),
+        (0..20).collect::<Vec<_>>(),
+        "held events in their original order"
+    );
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|e| e.event_data["_seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
     until("the held kv change", Duration::from_secs(10), || {
-        h.kv(device_id(0)).1.iter().any(|(k, v)| k == "mode" && v == "away")
+        h.kv(device_id(0))
+            .1
+            .iter()
+            .any(|(k, v)| k == "mode" && v == "away")
     })
     .await;
     assert_eq!(home_state(&hub, 42), HomeState::Active);
@@ -140,10 +169,18 @@ async fn without_a_project_key_a_refusal_holds_the_device_and_it_retries() {
     let dir = tempfile::tempdir().unwrap();
     // REST: MODE answers a kv write of a deactivated home with 403 HOME_DEACTIVATED.
     let cloud = "transport = \"rest\"\nhome_poll_interval_secs = 5\n";
-    let hub = Hub::start(config(&emu, dir.path(), 2, cloud, "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 2, cloud, ""))
+        .await
+        .unwrap();
     assert!(!hub.homes().watched());
-    assert!(hub.home_states().iter().all(|s| s.state == HomeState::Unknown));
-    until("dev0 connected", Duration::from_secs(10), || h.is_connected(device_id(0))).await;
+    assert!(hub
+        .home_states()
+        .iter()
+        .all(|s| s.state == HomeState::Unknown));
+    until("dev0 connected", Duration::from_secs(10), || {
+        h.is_connected(device_id(0))
+    })
+    .await;
     h.set_home_deactivated(42, true);
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     s0.publish_all(
@@ -151,25 +188,44 @@ async fn without_a_project_key_a_refusal_holds_the_device_and_it_retries() {
         vec![r#"{"action":"set","key":"mode","value":"away"}"#],
     )
     .await;
-    s0.publish_all("/devices/dev0/event", (0..5).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..5).map(event_json).collect())
+        .await;
     let mut held = None;
-    until("dev0 held after the refusal", Duration::from_secs(10), || {
-        held = hub.uplink_status()[0].hold();
-        held.is_some()
-    })
+    until(
+        "dev0 held after the refusal",
+        Duration::from_secs(10),
+        || {
+            held = hub.uplink_status()[0].hold();
+            held.is_some()
+        },
+    )
     .await;
     assert!(matches!(held, Some(Hold::Refused { .. })), "{held:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(h.events(device_id(0)).is_empty(), "events behind the refused kv wait");
+    assert!(
+        h.events(device_id(0)).is_empty(),
+        "events behind the refused kv wait"
+    );
     assert!(h.kv(device_id(0)).1.is_empty());
-    assert!(h.is_connected(device_id(0)), "the command WebSocket stays up");
+    assert!(
+        h.is_connected(device_id(0)),
+        "the command WebSocket stays up"
+    );
 
     h.set_home_deactivated(42, false);
     // The periodic retry (home_poll_interval_secs) sends the kv change, then the events.
     let got = wait_events(&h, device_id(0), 5).await;
     assert_eq!(ns(&got), (0..5).collect::<Vec<_>>());
-    assert!(h.kv(device_id(0)).1.iter().any(|(k, v)| k == "mode" && v == "away"));
-    assert_eq!(hub.outbox().dead_letters(10).await.unwrap().len(), 0, "nothing dead-lettered");
+    assert!(h
+        .kv(device_id(0))
+        .1
+        .iter()
+        .any(|(k, v)| k == "mode" && v == "away"));
+    assert_eq!(
+        hub.outbox().dead_letters(10).await.unwrap().len(),
+        0,
+        "nothing dead-lettered"
+    );
     hub.shutdown().await;
 }
 
@@ -178,15 +234,21 @@ async fn offline_then_replay_keeps_every_event_in_order_per_device() {
     let emu = emulator(4).await;
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(config(&emu, dir.path(), 4, FAST, "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 4, FAST, ""))
+        .await
+        .unwrap();
     h.set_offline(true);
     let mut sensors = Vec::new();
     for i in 0..4 {
-        sensors.push(Sensor::connect(hub.local_addr(), &format!("dev{i}"), &format!("pw{i}")).await);
+        sensors
+            .push(Sensor::connect(hub.local_addr(), &format!("dev{i}"), &format!("pw{i}")).await);
     }
     for (i, s) in sensors.iter_mut().enumerate() {
-        s.publish_all(&format!("/devices/dev{i}/event"), (0..150).map(event_json).collect())
-            .await;
+        s.publish_all(
+            &format!("/devices/dev{i}/event"),
+            (0..150).map(event_json).collect(),
+        )
+        .await;
     }
     let backlog = hub.backlog().await;
     assert!(backlog.iter().all(|b| b.rows == 150), "{backlog:?}");
@@ -212,13 +274,18 @@ async fn refused_connections_dropped_sessions_and_delays_lose_nothing() {
         refuse_connections: true,
         ..Faults::default()
     });
-    let hub = Hub::start(config(&emu, dir.path(), 2, FAST, "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 2, FAST, ""))
+        .await
+        .unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..40).map(event_json).collect()).await;
-    until("refused connection attempts", Duration::from_secs(10), || {
-        h.stats().mqtt_connections_refused_fault >= 2
-    })
+    s0.publish_all("/devices/dev0/event", (0..40).map(event_json).collect())
+        .await;
+    until(
+        "refused connection attempts",
+        Duration::from_secs(10),
+        || h.stats().mqtt_connections_refused_fault >= 2,
+    )
     .await;
     // Sessions cut after every 15th publish, whose PUBACK is lost; answers delayed.
     h.set_faults(Faults {
@@ -226,16 +293,25 @@ async fn refused_connections_dropped_sessions_and_delays_lose_nothing() {
         delay: Some(Duration::from_millis(30)),
         ..Faults::default()
     });
-    s1.publish_all("/devices/dev1/event", (0..40).map(event_json).collect()).await;
-    s0.publish_all("/devices/dev0/event", (40..60).map(event_json).collect()).await;
+    s1.publish_all("/devices/dev1/event", (0..40).map(event_json).collect())
+        .await;
+    s0.publish_all("/devices/dev0/event", (40..60).map(event_json).collect())
+        .await;
     let d0 = wait_distinct(&h, device_id(0), 60).await;
     let d1 = wait_distinct(&h, device_id(1), 40).await;
     for (got, n, dev) in [(d0, 60u64, 0), (d1, 40, 1)] {
         let (firsts, dups) = dedup(&got);
-        assert_eq!(firsts, (0..n).collect::<Vec<_>>(), "device {dev}: every event, in order");
+        assert_eq!(
+            firsts,
+            (0..n).collect::<Vec<_>>(),
+            "device {dev}: every event, in order"
+        );
         // Each cut session re-sends at most its window (32) from the oldest unacknowledged row.
         let cuts = (got.len() as f64 / 15.0).ceil() as usize;
-        assert!(dups <= cuts * 32, "device {dev}: {dups} duplicates for {cuts} cuts");
+        assert!(
+            dups <= cuts * 32,
+            "device {dev}: {dups} duplicates for {cuts} cuts"
+        );
         eprintln!("device {dev}: {} arrivals, {dups} duplicates", got.len());
     }
     assert!(h.stats().mqtt_sessions_dropped_fault >= 2);
@@ -249,24 +325,35 @@ async fn rest_transport_rides_out_5xx_429_and_delays() {
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
     let cloud = format!("transport = \"rest\"\n{FAST}");
-    let hub = Hub::start(config(&emu, dir.path(), 2, &cloud, "")).await.unwrap();
-    until("dev0 connected", Duration::from_secs(10), || h.is_connected(device_id(0))).await;
+    let hub = Hub::start(config(&emu, dir.path(), 2, &cloud, ""))
+        .await
+        .unwrap();
+    until("dev0 connected", Duration::from_secs(10), || {
+        h.is_connected(device_id(0))
+    })
+    .await;
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..10).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..10).map(event_json).collect())
+        .await;
     wait_events(&h, device_id(0), 10).await;
 
     h.set_faults(Faults {
         http_5xx: true,
         ..Faults::default()
     });
-    s0.publish_all("/devices/dev0/event", (10..20).map(event_json).collect()).await;
-    until("5xx answers", Duration::from_secs(10), || h.stats().rest_faults_injected >= 2).await;
+    s0.publish_all("/devices/dev0/event", (10..20).map(event_json).collect())
+        .await;
+    until("5xx answers", Duration::from_secs(10), || {
+        h.stats().rest_faults_injected >= 2
+    })
+    .await;
     h.set_faults(Faults {
         http_429_retry_after: Some(1),
         ..Faults::default()
     });
-    s1.publish_all("/devices/dev1/event", (0..10).map(event_json).collect()).await;
+    s1.publish_all("/devices/dev1/event", (0..10).map(event_json).collect())
+        .await;
     until("a 429 seen by the hub", Duration::from_secs(20), || {
         hub.pacing_stats().throttled_429.load(Relaxed) >= 1
     })
@@ -275,7 +362,8 @@ async fn rest_transport_rides_out_5xx_429_and_delays() {
         delay: Some(Duration::from_millis(50)),
         ..Faults::default()
     });
-    s0.publish_all("/devices/dev0/event", (20..30).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (20..30).map(event_json).collect())
+        .await;
     let d0 = wait_distinct(&h, device_id(0), 30).await;
     let d1 = wait_distinct(&h, device_id(1), 10).await;
     // REST sends one request at a time and retries the same one: no duplicates, exact order.
@@ -295,12 +383,16 @@ async fn pacing_keeps_a_backlog_under_the_rate_limit_without_a_dropped_session()
     h.set_rate_limit(Some(120));
     let dir = tempfile::tempdir().unwrap();
     let cloud = "max_messages_per_minute = 108\n";
-    let hub = Hub::start(config(&emu, dir.path(), 2, cloud, "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 2, cloud, ""))
+        .await
+        .unwrap();
     h.set_offline(true);
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..30).map(event_json).collect()).await;
-    s1.publish_all("/devices/dev1/event", (0..30).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..30).map(event_json).collect())
+        .await;
+    s1.publish_all("/devices/dev1/event", (0..30).map(event_json).collect())
+        .await;
     h.set_offline(false);
     let d0 = wait_events(&h, device_id(0), 30).await;
     let d1 = wait_events(&h, device_id(1), 30).await;
@@ -320,16 +412,24 @@ async fn default_pacing_against_modes_600_a_minute() {
     let h = emu.handle();
     h.set_rate_limit(Some(600));
     let dir = tempfile::tempdir().unwrap();
-    let hub = Hub::start(config(&emu, dir.path(), 2, "", "")).await.unwrap();
+    let hub = Hub::start(config(&emu, dir.path(), 2, "", ""))
+        .await
+        .unwrap();
     h.set_offline(true);
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
-    s0.publish_all("/devices/dev0/event", (0..700).map(event_json).collect()).await;
-    s1.publish_all("/devices/dev1/event", (0..700).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..700).map(event_json).collect())
+        .await;
+    s1.publish_all("/devices/dev1/event", (0..700).map(event_json).collect())
+        .await;
     let t = std::time::Instant::now();
     h.set_offline(false);
-    let d0 = h.wait_for_events(device_id(0), 700, Duration::from_secs(150)).await;
-    let d1 = h.wait_for_events(device_id(1), 700, Duration::from_secs(150)).await;
+    let d0 = h
+        .wait_for_events(device_id(0), 700, Duration::from_secs(150))
+        .await;
+    let d1 = h
+        .wait_for_events(device_id(1), 700, Duration::from_secs(150))
+        .await;
     eprintln!("1400 events drained in {:?}", t.elapsed());
     assert_eq!(ns(&d0), (0..700).collect::<Vec<_>>());
     assert_eq!(ns(&d1), (0..700).collect::<Vec<_>>());
@@ -352,7 +452,8 @@ async fn a_full_outbox_drops_the_oldest_events_and_keeps_kv() {
         vec![r#"{"action":"set","key":"keep","value":1}"#],
     )
     .await;
-    s0.publish_all("/devices/dev0/event", (0..300).map(event_json).collect()).await;
+    s0.publish_all("/devices/dev0/event", (0..300).map(event_json).collect())
+        .await;
     let dropped = hub.outbox().stats().dropped_full.load(Relaxed);
     assert!(dropped >= 200, "dropped {dropped}");
     h.set_offline(false);
@@ -378,12 +479,23 @@ async fn below_the_disk_watermark_a_sensor_gets_no_puback() {
     let emu = emulator(1).await;
     let dir = tempfile::tempdir().unwrap();
     // No file system has this much free: every commit is refused by the watermark.
-    let hub = Hub::start(config(&emu, dir.path(), 1, "", "min_free_disk = 9000000000000000000"))
-        .await
-        .unwrap();
+    let hub = Hub::start(config(
+        &emu,
+        dir.path(),
+        1,
+        "",
+        "min_free_disk = 9000000000000000000",
+    ))
+    .await
+    .unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     s0.client
-        .publish("/devices/dev0/event", QoS::AtLeastOnce, false, event_json(1))
+        .publish(
+            "/devices/dev0/event",
+            QoS::AtLeastOnce,
+            false,
+            event_json(1),
+        )
         .await
         .unwrap();
     let mut acked = false;
@@ -412,7 +524,9 @@ async fn capture_times_are_repaired_when_the_clock_syncs_and_older_boots_are_fla
     let opts = StartOptions {
         clock: Some(watch.clock()),
     };
-    let hub = Hub::start_with(config(&emu, dir.path(), 1, "", ""), opts).await.unwrap();
+    let hub = Hub::start_with(config(&emu, dir.path(), 1, "", ""), opts)
+        .await
+        .unwrap();
     // A row from an earlier boot that never got a synchronised clock.
     hub.outbox()
         .append(NewRecord {
@@ -430,9 +544,11 @@ async fn capture_times_are_repaired_when_the_clock_syncs_and_older_boots_are_fla
         .await
         .unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
-    s0.publish_all("/devices/dev0/event", vec![event_json(1)]).await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(1)])
+        .await;
     t.advance(5_000);
-    s0.publish_all("/devices/dev0/event", vec![event_json(2)]).await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(2)])
+        .await;
     // NTP: the real time is 10 days later than the guess.
     let real = guess + 10 * 86_400_000;
     t.step_wall(real - t.wall.load(Relaxed));
@@ -440,15 +556,29 @@ async fn capture_times_are_repaired_when_the_clock_syncs_and_older_boots_are_fla
     let c = watch.check(hub.outbox()).await;
     assert!(c.became_synced);
     assert_eq!(c.repaired, 2);
-    s0.publish_all("/devices/dev0/event", vec![event_json(3)]).await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(3)])
+        .await;
     h.set_offline(false);
     let got = wait_events(&h, device_id(0), 4).await;
     assert_eq!(ns(&got), vec![0, 1, 2, 3]);
-    let at = |i: usize| got[i].event_data["_capturedAt"].as_str().unwrap().to_string();
+    let at = |i: usize| {
+        got[i].event_data["_capturedAt"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     let approx = |i: usize| got[i].event_data.get("_capturedAtApprox").cloned();
     assert_eq!(at(0), modehub::mode::rfc3339_ms(guess - 3_600_000));
-    assert_eq!(approx(0), Some(serde_json::json!(true)), "older boot: best guess, flagged");
-    assert_eq!(at(1), modehub::mode::rfc3339_ms(real - 5_000), "repaired from boot time");
+    assert_eq!(
+        approx(0),
+        Some(serde_json::json!(true)),
+        "older boot: best guess, flagged"
+    );
+    assert_eq!(
+        at(1),
+        modehub::mode::rfc3339_ms(real - 5_000),
+        "repaired from boot time"
+    );
     assert_eq!(at(2), modehub::mode::rfc3339_ms(real));
     assert_eq!(at(3), modehub::mode::rfc3339_ms(real));
     for i in 1..4 {

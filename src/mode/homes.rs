@@ -20,7 +20,13 @@ pub enum HomeError {
 impl HomeError {
     /// The project key itself is refused (retrying will not help until the key is fixed).
     pub fn is_auth(&self) -> bool {
-        matches!(self, HomeError::Status { status: 401 | 403, .. })
+        matches!(
+            self,
+            HomeError::Status {
+                status: 401 | 403,
+                ..
+            }
+        )
     }
 }
 
@@ -38,7 +44,10 @@ pub async fn home_deactivated(
     let base = api_url.trim_end_matches('/');
     let resp = super::rest::http_client()
         .get(format!("{base}/homes/{home_id}"))
-        .header("Authorization", format!("ModeCloud {}", project_key.expose()))
+        .header(
+            "Authorization",
+            format!("ModeCloud {}", project_key.expose()),
+        )
         .send()
         .await
         .map_err(|e| HomeError::Transport(e.without_url().to_string()))?;

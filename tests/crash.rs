@@ -201,10 +201,12 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
     let mut latencies = Vec::new();
     let mut published = 0;
     for (i, rec) in records.iter().enumerate() {
-        let rec = rec.lock().unwrap();
-        published += rec.published;
-        latencies.extend(rec.latencies.iter().copied());
-        let acked: HashSet<u64> = rec.acked.iter().copied().collect();
+        let acked: HashSet<u64> = {
+            let rec = rec.lock().unwrap();
+            published += rec.published;
+            latencies.extend(rec.latencies.iter().copied());
+            rec.acked.iter().copied().collect()
+        };
         acked_total += acked.len();
         let dev = device_id(i);
         let deadline = Instant::now() + Duration::from_secs(90);

@@ -39,7 +39,10 @@ fn write_bytes() -> u64 {
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes: ").map(|v| v.trim().parse().ok()))
+                .find_map(|l| {
+                    l.strip_prefix("write_bytes: ")
+                        .map(|v| v.trim().parse().ok())
+                })
                 .flatten()
         })
         .unwrap_or(0)
@@ -86,7 +89,10 @@ async fn fill(dir: &Path, total: usize) -> (u64, u64) {
     }
     let out = (write_bytes() - wb0, db_size(dir) - size0);
     drop(ob);
-    tokio::task::spawn_blocking(move || th.join()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || th.join())
+        .await
+        .unwrap()
+        .unwrap();
     out
 }
 
@@ -99,7 +105,11 @@ async fn replay(cloud: &str, rate_limit: Option<u32>) {
     let t = Instant::now();
     fill(dir.path(), total).await;
     eprintln!("filled {total} events in {:?}", t.elapsed());
-    let cfg = Config::parse(&hub_config_text(&emu, dir.path(), DEVICES, cloud), dir.path()).unwrap();
+    let cfg = Config::parse(
+        &hub_config_text(&emu, dir.path(), DEVICES, cloud),
+        dir.path(),
+    )
+    .unwrap();
     let start = Instant::now();
     let hub = Hub::start(cfg).await.unwrap();
     let mut last_report = Instant::now();
@@ -112,7 +122,10 @@ async fn replay(cloud: &str, rate_limit: Option<u32>) {
             eprintln!("  {got}/{total} after {:?}", start.elapsed());
             last_report = Instant::now();
         }
-        assert!(start.elapsed() < Duration::from_secs(3600), "replay stalled at {got}");
+        assert!(
+            start.elapsed() < Duration::from_secs(3600),
+            "replay stalled at {got}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = start.elapsed();
@@ -122,15 +135,23 @@ async fn replay(cloud: &str, rate_limit: Option<u32>) {
          sessions dropped by the rate limit: {}; pacing: {} burst drops, {} AIMD decreases",
         total as f64 / took.as_secs_f64(),
         st.mqtt_sessions_dropped_rate_limit,
-        hub.pacing_stats().burst_drops.load(std::sync::atomic::Ordering::Relaxed),
-        hub.pacing_stats().aimd_decreases.load(std::sync::atomic::Ordering::Relaxed),
+        hub.pacing_stats()
+            .burst_drops
+            .load(std::sync::atomic::Ordering::Relaxed),
+        hub.pacing_stats()
+            .aimd_decreases
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     // Every device got all of its events, in order.
     for d in 0..DEVICES {
         let got = ns(&h.events(device_id(d)));
         let mut seen = std::collections::HashSet::new();
         let firsts: Vec<u64> = got.iter().copied().filter(|n| seen.insert(*n)).collect();
-        assert_eq!(firsts, (0..(total / DEVICES) as u64).collect::<Vec<_>>(), "device {d}");
+        assert_eq!(
+            firsts,
+            (0..(total / DEVICES) as u64).collect::<Vec<_>>(),
+            "device {d}"
+        );
     }
     hub.shutdown().await;
 }

@@ -20,7 +20,7 @@ use crate::registry::{DeviceId, Registry, TopicKind};
 use crate::router::Router;
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
     Codec, ConnAck, Connect, ConnectReturnCode, Login, Packet, PubAck, SubAck, Subscribe,
     SubscribeReasonCode,
@@ -438,7 +438,16 @@ impl Front {
                         // Not committed: no PUBACK; closing makes the client resend.
                         return Err("outbox could not commit; closing so the device resends".into());
                     }
-                    client.send(Packet::PubAck(PubAck::new(pkid))).await.map_err(|e| e.to_string())?;
+                    client.feed(Packet::PubAck(PubAck::new(pkid))).await.map_err(|e| e.to_string())?;
+                    // Whatever else the same commit made ready goes out in the same write.
+                    while let Some(Some((pkid, ok))) = acks.next().now_or_never() {
+                        if !ok {
+                            let _ = client.flush().await;
+                            return Err("outbox could not commit; closing so the device resends".into());
+                        }
+                        client.feed(Packet::PubAck(PubAck::new(pkid))).await.map_err(|e| e.to_string())?;
+                    }
+                    client.flush().await.map_err(|e| e.to_string())?;
                 }
                 pkt = broker.next() => {
                     let pkt = match pkt {

@@ -103,6 +103,8 @@ local_password = "demo"
     );
     opts.set_credentials("demo-sensor", Secret::new("demo").expose());
     let (sensor, mut el) = AsyncClient::new(opts, 16);
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping_rx = stopping.clone();
     sensor
         .subscribe("/devices/demo-sensor/command", QoS::AtMostOnce)
         .await?;
@@ -120,6 +122,7 @@ local_password = "demo"
                     );
                 }
                 Ok(_) => {}
+                Err(_) if stopping_rx.load(std::sync::atomic::Ordering::Relaxed) => return,
                 Err(e) => {
                     println!("  sensor: connection problem: {e}; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -164,6 +167,7 @@ local_password = "demo"
             let _ = cloud.set_kv(DEVICE_ID, "threshold", v);
         }
     }
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sensor.disconnect().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     hub.shutdown().await;

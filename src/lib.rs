@@ -113,18 +113,20 @@ impl Hub {
         )
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
-        // Serial ports (issue 5): one task per [[serial]] table. Each port's write queue has
-        // `write_queue` slots; the downlink fills it with `serial::offer` (try_send), never waits.
-        let mut serial_ports: Vec<mpsc::Sender<downlink::DownMsg>> = Vec::new();
+        // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
+        // downlink fills without waiting.
+        let mut adapters = vec![downlink::Adapter::Mqtt; registry.len()];
         let mut serial_tasks = Vec::new();
         for s in &cfg.serial {
             let (tx, rx) = mpsc::channel(s.write_queue.max(1));
-            serial_ports.push(tx);
-            let devices = s
+            let devices: Vec<_> = s
                 .devices
                 .iter()
                 .filter_map(|n| registry.lookup(n).map(|d| d.id))
                 .collect();
+            for &d in &devices {
+                adapters[d] = downlink::Adapter::Serial(tx.clone());
+            }
             serial_tasks.push(tokio::spawn(serial::run_port(serial::PortContext {
                 cfg: s.clone(),
                 devices,
@@ -136,8 +138,6 @@ impl Hub {
                 shutdown: shutdown_rx.clone(),
             })));
         }
-        // TODO(lead): hand serial_ports to downlink::run (DownMsg for devices on cfg.serial[i]).
-        let _serial_ports = serial_ports;
         let broker = LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
@@ -151,9 +151,18 @@ impl Hub {
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
         tasks.extend(serial_tasks);
-        tasks.push(tokio::spawn(downlink::run(
-            registry.clone(),
+        let down = downlink::Downlink {
+            registry: registry.clone(),
             broker,
+            outbox: outbox.clone(),
+            metrics: metrics.clone(),
+            adapters,
+            cfg: downlink::DownlinkConfig {
+                max_pending_commands: cfg.hub.max_pending_commands,
+                command_ttl: std::time::Duration::from_secs(cfg.hub.command_ttl_secs),
+            },
+        };
+        tasks.push(tokio::spawn(down.run(
             local_rx,
             down_rx,
             shutdown_rx.clone(),

@@ -70,6 +70,29 @@ pub struct Metrics {
     pub commands_received: AtomicU64,
     /// Serial adapters' counters (all ports).
     pub serial: crate::serial::SerialStats,
+    /// The way down (commands and DDP from MODE to local devices).
+    pub down: DownStats,
+}
+
+/// Counters of the downlink.
+#[derive(Debug, Default)]
+pub struct DownStats {
+    /// Commands handed to a listening local device.
+    pub commands_delivered: AtomicU64,
+    /// Commands stored because the device was not listening.
+    pub commands_queued: AtomicU64,
+    /// Stored commands dropped (oldest first) over `hub.max_pending_commands`.
+    pub commands_dropped: AtomicU64,
+    /// Stored commands discarded after `hub.command_ttl_secs`.
+    pub commands_expired: AtomicU64,
+    /// Commands that could not be handed over (local broker refused, serial queue full).
+    pub commands_lost: AtomicU64,
+    /// DDP messages from MODE applied to the mirror / ignored by the revision rule / malformed.
+    pub kv_applied: AtomicU64,
+    pub kv_ignored: AtomicU64,
+    pub kv_invalid: AtomicU64,
+    /// `reload`s served to local devices from the mirror.
+    pub kv_reloads_served: AtomicU64,
 }
 
 impl Metrics {

@@ -347,6 +347,11 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
 fn open_raw(path: &Path, sync_full: bool) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // New databases use 1 KiB pages: every group commit appends each page it touched to the WAL,
+    // and a commit touches a handful of pages whatever its size, so at a few rows per commit
+    // small pages write ~4x fewer bytes per event (SD-card wear; docs/BENCHMARKS.md). Must come
+    // before WAL mode; it does nothing to an existing database.
+    conn.pragma_update(None, "page_size", 1024)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -568,6 +573,9 @@ impl Outbox {
         stats
             .pending_bytes
             .store(bytes as u64 + rows as u64 * ROW_OVERHEAD, Relaxed);
+        // Checkpoints (which fsync) run on their own thread so that a commit never waits for them.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Checkpointer::start(&path, opts.sync_full)?;
         let (tx, rx) = mpsc::channel(MAX_BATCH);
         let writer = Writer {
             conn,
@@ -580,7 +588,10 @@ impl Outbox {
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                writer.run(rx);
+                checkpointer.stop();
+            })
             .expect("spawn outbox thread");
         Ok((Outbox { tx, stats }, handle))
     }
@@ -826,6 +837,67 @@ fn kv_snapshot(conn: &Connection, device: u64) -> Result<KvSnapshot, OutboxError
         rev: state.unwrap_or(0),
         items: items.into_iter().collect(),
     })
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
+/// start over (16 MiB with 1 KiB pages); below it, checkpoints never block a commit.
+const WAL_RESTART_PAGES: i64 = 16 * 1024;
+
+/// Copies the WAL into the database file on its own thread and connection. SQLite's automatic
+/// checkpoint would run inside a commit on the writer thread and make that commit (and every
+/// PUBACK waiting for it) wait for two fsyncs: tens of ms on an SD card or a busy disk, which was
+/// the hub's p99 latency (docs/BENCHMARKS.md). A PASSIVE checkpoint runs alongside commits.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, sync_full: bool) -> Result<Checkpointer, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if sync_full { "FULL" } else { "NORMAL" },
+        )?;
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("outbox-ckpt".into())
+            .spawn(move || {
+                let checkpoint = |mode: &str| {
+                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                        r.get::<_, i64>(1)
+                    })
+                };
+                loop {
+                    let stopping = !matches!(
+                        rx.recv_timeout(CHECKPOINT_EVERY),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    );
+                    let r = match checkpoint("PASSIVE") {
+                        Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => checkpoint("RESTART"),
+                        other => other,
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "outbox checkpoint failed; retrying later");
+                    }
+                    if stopping {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn outbox checkpoint thread");
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// A last checkpoint, then the thread ends.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 pub(crate) struct Writer {

@@ -37,10 +37,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 /// Something MODE sent to one device.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Downstream {
     Command(DeviceId, Bytes),
     Kv(DeviceId, Bytes),
+    /// A kv message that must be in the mirror before the uplink sends anything: the store
+    /// read at (re)connect over REST, which has no revisions to order it against local changes
+    /// acknowledged afterwards. The sender is answered once it is applied.
+    KvBarrier(DeviceId, Bytes, tokio::sync::oneshot::Sender<()>),
 }
 
 /// Upstream session state of one device, for status and health.
@@ -264,6 +268,14 @@ impl DeviceUplink {
     /// Sends rows and handles answers until the session ends; says why it ended.
     async fn pump(&mut self, mut session: Session) -> Ended {
         let window = session.window(&self.session);
+        if let Some(reload) = session.take_initial_kv() {
+            let (done, applied) = tokio::sync::oneshot::channel();
+            let _ = self
+                .downstream
+                .send(Downstream::KvBarrier(self.device.id, reload, done))
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), applied).await;
+        }
         let mut home = self.homes.held(self.device.home_id);
         let mut home_held = *home.borrow_and_update();
         let mut refused_until: Option<Instant> = None;
@@ -279,8 +291,10 @@ impl DeviceUplink {
                 // Keep the session (commands), send nothing. A token being waited for is given up.
                 permit = None;
             } else {
+                // Refill when half the window is free: one outbox read per batch of PUBACKs,
+                // not one read (a round trip through the writer thread) per PUBACK.
                 let room = window.saturating_sub(session.in_flight() + ready.len());
-                if more && room > 0 && ready.is_empty() {
+                if more && ready.is_empty() && session.in_flight() <= window / 2 {
                     match self.outbox.fetch(self.device.mode_id, cursor, room).await {
                         Ok(rows) => {
                             more = rows.len() == room;

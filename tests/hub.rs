@@ -282,3 +282,68 @@ async fn a_restarted_hub_delivers_what_it_had_not_sent() {
     assert_eq!(got[100].event_data["_seq"], 101);
     hub.shutdown().await;
 }
+
+/// Events/s through the whole path (local publish -> outbox -> emulator), 1 and 20 devices,
+/// pacing raised out of the way. Run with
+/// `cargo test --release --test hub -- --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn throughput_end_to_end() {
+    for (devices, per_device) in [(1usize, 20_000usize), (20, 2_000)] {
+        let emu = emulator(devices).await;
+        let dir = tempfile::tempdir().unwrap();
+        let text = hub_config_text(
+            &emu,
+            dir.path(),
+            devices,
+            "max_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000",
+        );
+        let hub = Hub::start(modehub::config::Config::parse(&text, dir.path()).unwrap())
+            .await
+            .unwrap();
+        let mut sensors = Vec::new();
+        for i in 0..devices {
+            sensors.push(
+                Sensor::connect(hub.local_addr(), &format!("dev{i}"), &format!("pw{i}")).await,
+            );
+        }
+        let h = emu.handle();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !(0..devices).all(|i| h.is_connected(device_id(i))) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t0 = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for (i, mut s) in sensors.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                // Batches of 100 keep the sensor's in-flight window full.
+                for b in 0..per_device / 100 {
+                    s.publish_all(
+                        &format!("/devices/dev{i}/event"),
+                        (b * 100..b * 100 + 100).map(event_json).collect(),
+                    )
+                    .await;
+                }
+                std::time::Instant::now()
+            }));
+        }
+        let mut acked_at = t0;
+        for t in tasks {
+            acked_at = acked_at.max(t.await.unwrap());
+        }
+        for i in 0..devices {
+            h.wait_for_events(device_id(i), per_device, Duration::from_secs(120))
+                .await;
+        }
+        let total = devices * per_device;
+        let e2e = t0.elapsed().as_secs_f64();
+        let ingest = (acked_at - t0).as_secs_f64();
+        println!(
+            "{devices} device(s), {total} events: local ingest {:.0}/s (all PUBACKed in {ingest:.2}s), end to end {:.0}/s ({e2e:.2}s)",
+            total as f64 / ingest,
+            total as f64 / e2e
+        );
+        hub.shutdown().await;
+    }
+}

@@ -99,6 +99,14 @@ impl Session {
         }
     }
 
+    /// The kv store read while connecting (REST), to apply before anything is sent.
+    pub fn take_initial_kv(&mut self) -> Option<Bytes> {
+        match self {
+            Session::Mqtt(_) => None,
+            Session::Rest(s) => s.take_initial_kv(),
+        }
+    }
+
     /// Publishes not yet answered.
     pub fn in_flight(&self) -> usize {
         match self {

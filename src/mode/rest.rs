@@ -182,6 +182,17 @@ impl Session {
         })
     }
 
+    /// The `reload` read at connect, if not yet taken.
+    pub fn take_initial_kv(&mut self) -> Option<Bytes> {
+        match self.queued.front() {
+            Some(SessionEvent::Kv(_)) => match self.queued.pop_front() {
+                Some(SessionEvent::Kv(b)) => Some(b),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     pub fn in_flight(&self) -> usize {
         self.current.is_some() as usize
     }

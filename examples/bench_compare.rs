@@ -809,6 +809,11 @@ async fn run_modehub(
         .collect();
     let fleet = Fleet::connect(local, &logins, plan.inflight).await?;
     let r = measure(plan, hub.pid(), &fleet, &rx, &mut f).await;
+    // The WAL must not grow without bound now that checkpoints run beside the writer.
+    let wal = std::fs::metadata(dir.join("data").join("hub.db-wal"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    f.set("wal_mb_end", wal as f64 / 1e6);
     fleet.close().await;
     hub.stop(Duration::from_secs(10));
     recv_task.abort();
@@ -1049,6 +1054,11 @@ const FIGURES: &[(&str, &str, bool)] = &[
     (
         "disk_per_event_rate",
         "disk bytes written per event (fixed rate)",
+        false,
+    ),
+    (
+        "wal_mb_end",
+        "SQLite WAL file at the end, MB (hub only)",
         false,
     ),
 ];

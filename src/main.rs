@@ -81,8 +81,15 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Two async workers by default (SQLite has its own threads). MODEHUB_WORKER_THREADS sets
+    // another count; see docs/BENCHMARKS.md for what 1 vs 2 costs.
+    let workers = std::env::var("MODEHUB_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

@@ -973,6 +973,11 @@ impl Writer {
                             .rows_appended
                             .fetch_add(appends.len() as u64, Relaxed);
                         self.stats.rows_acked.fetch_add(acks.len() as u64, Relaxed);
+                        // Bounds first, so a sensor that got its PUBACK sees the outbox (and
+                        // its drop counters) as they will stay.
+                        if let Err(e) = self.enforce_bounds() {
+                            tracing::error!(error = %e, "cannot enforce the outbox bounds");
+                        }
                         touched.clear();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
@@ -997,9 +1002,6 @@ impl Writer {
                     }
                 }
                 acks.clear();
-                if let Err(e) = self.enforce_bounds() {
-                    tracing::error!(error = %e, "cannot enforce the outbox bounds");
-                }
             }
             for job in jobs.drain(..) {
                 job(&mut self);

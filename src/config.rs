@@ -759,6 +759,14 @@ impl Config {
                 "use e.g. \"127.0.0.1:9464\", or \"off\"".into(),
             );
         }
+        if !(1..=86_400).contains(&self.ops.stall_after_secs) {
+            push(
+                "ops",
+                "stall_after_secs",
+                format!("{} is out of range", self.ops.stall_after_secs),
+                "use 1..=86400 seconds (default 300)".into(),
+            );
+        }
         if self.hub.max_pending_commands == 0 || self.hub.max_pending_commands > 100_000 {
             push(
                 "hub",

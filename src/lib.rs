@@ -17,6 +17,7 @@ pub mod emulator;
 pub mod homes;
 pub mod metrics;
 pub mod mode;
+pub mod ops;
 pub mod outbox;
 pub mod pacing;
 pub mod registry;
@@ -51,6 +52,9 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
+    /// Which devices are connected locally, and since when the hub runs (read by `ops`).
+    presence: Arc<ops::Presence>,
+    started: std::time::Instant,
 }
 
 /// Options that tests and tools set; production uses the defaults.
@@ -113,6 +117,9 @@ impl Hub {
         )
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
+        // ops watches local presence on its way to the downlink (status: "local connected?").
+        let presence = Arc::new(ops::Presence::new(registry.len()));
+        let local_rx = presence.clone().tap(local_rx);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
         // downlink fills without waiting.
         let mut adapters = vec![downlink::Adapter::Mqtt; registry.len()];
@@ -242,6 +249,8 @@ impl Hub {
             shutdown,
             tasks,
             outbox_thread: Some(outbox_thread),
+            presence,
+            started: std::time::Instant::now(),
         })
     }
 

@@ -37,33 +37,68 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         dead: usize,
     },
+    /// Show the running hub's devices, queues and health (asks its ops endpoint).
+    Status {
+        /// Print the raw JSON (`/status.json`) for scripts.
+        #[arg(long)]
+        json: bool,
+        /// The hub's ops endpoint ([ops] listen); default: read from --config.
+        #[arg(long, value_name = "ADDR", conflicts_with = "config")]
+        ops: Option<String>,
+        /// Config file whose [ops] listen to use.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Run the MODE cloud emulator on its own (for tests and trying things out).
     Emulator(modehub::emulator::EmulatorArgs),
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
     Demo(modehub::demo::DemoArgs),
 }
 
-fn init_logging(filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    // rumqttd logs routine client disconnects at ERROR; keep it quiet unless asked for.
-    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let wanted = if wanted.contains("rumqttd") {
+/// Changes the log filter of a running hub (SIGHUP with a new `[hub] log`).
+type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The filter actually used: `RUST_LOG` wins over the config; rumqttd's routine disconnect
+/// ERRORs stay off unless asked for.
+fn log_filter(configured: &str) -> String {
+    let wanted = std::env::var("RUST_LOG").unwrap_or_else(|_| configured.to_string());
+    if wanted.contains("rumqttd") {
         wanted
     } else {
         format!("{wanted},rumqttd=off")
-    };
-    let filter = EnvFilter::try_new(&wanted).unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
-    // Under systemd, journald adds its own timestamps and does not render colours.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    if journald {
-        builder.with_ansi(false).without_time().init();
-    } else {
-        builder.init();
     }
+}
+
+/// Human format with colours on a terminal; plain under journald (journald adds its own
+/// timestamps and renders no colours) and when stderr is a file or pipe (no ANSI codes).
+fn init_logging(configured: &str) -> LogReload {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let filter = EnvFilter::try_new(log_filter(configured))
+        .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=off"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::stderr().is_terminal();
+    let layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    if journald {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.without_time())
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .init();
+    }
+    Box::new(move |configured: &str| {
+        let f = EnvFilter::try_new(log_filter(configured)).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -101,21 +136,22 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Cmd::CheckConfig { config } => return check_config(&config),
+        Cmd::Status { json, ops, config } => return status(json, ops, config),
         Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging(&cfg.hub.log);
-            rt.block_on(run(cfg))
+            let reload_log = init_logging(&cfg.hub.log);
+            rt.block_on(run(cfg, config, reload_log))
         }
         Cmd::Emulator(args) => {
-            init_logging("info");
+            let _ = init_logging("info");
             rt.block_on(modehub::emulator::run_cli(args))
         }
         Cmd::Demo(args) => {
-            init_logging("warn");
+            let _ = init_logging("warn");
             rt.block_on(modehub::demo::run(args))
         }
     };
@@ -160,6 +196,193 @@ fn check_config(path: &std::path::Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn status(json: bool, ops: Option<String>, config: Option<PathBuf>) -> ExitCode {
+    use modehub::ops::status as st;
+    const DEFAULT_CONFIG: &str = "/etc/modehub/config.toml";
+    let addr = match (ops, config) {
+        (Some(a), _) => a,
+        (None, Some(c)) => match st::ops_addr_from_config(&c) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                eprintln!(
+                    "error: {} switches the ops endpoint off ([ops] listen = \"off\"); `modehub status` needs it. Set e.g. listen = \"127.0.0.1:9464\" and restart the hub.",
+                    c.display()
+                );
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        // The default config may be unreadable for this user: fall back to the default address.
+        (None, None) => match st::ops_addr_from_config(std::path::Path::new(DEFAULT_CONFIG)) {
+            Ok(Some(a)) => a,
+            _ => st::DEFAULT_OPS.to_string(),
+        },
+    };
+    match st::fetch(&addr) {
+        Ok((report, raw)) => {
+            if json {
+                println!("{}", raw.trim_end());
+            } else {
+                print!("{}", st::render_table(&report));
+            }
+            if report.health.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+/// Runs the hub until SIGTERM or SIGINT; SIGHUP re-reads the config.
+async fn run(cfg: Config, path: PathBuf, reload_log: LogReload) -> anyhow::Result<()> {
+    use modehub::ops::notify::SystemdNotifier;
+    use tokio::signal::unix::{signal, SignalKind};
+    let started = std::time::Instant::now();
+    let notifier = SystemdNotifier::from_env();
+    // Subscribe before starting, so no signal is lost in between.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut hub = modehub::Hub::start(cfg.clone())
+        .await
+        .context("starting the hub")?;
+    let ctx = hub.ops_context(&cfg);
+    let ops_addr = hub
+        .start_ops_server(ctx.clone(), &cfg)
+        .await
+        .context("starting the ops endpoint")?;
+    hub.start_notifier(ctx.clone(), &notifier);
+    let line = ctx.status_line().await;
+    notifier.ready(&line);
+    tracing::info!(
+        startup_ms = started.elapsed().as_millis() as u64,
+        ops = %ops_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        watchdog = ?notifier.watchdog(),
+        "ready"
+    );
+    let mut current = cfg;
+    let why = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                notifier.reloading();
+                current = reload(&path, current, &reload_log);
+                notifier.ready(&ctx.status_line().await);
+            }
+        }
+    };
+    tracing::info!(
+        signal = why,
+        "stopping: finishing the current commit and closing sessions"
+    );
+    notifier.stopping("stopping: draining");
+    drop(ctx);
+    // Systemd's stop timeout is longer; 5 s is our own promise (committed rows are safe anyway).
+    if tokio::time::timeout(std::time::Duration::from_secs(5), hub.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown took longer than 5 s; exiting anyway (every acknowledged message is committed)");
+    } else {
+        tracing::info!("stopped cleanly");
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads and validates the config. A bad file is rejected (the running config
+/// stays); a good one applies what can change at run time and says what needs a restart.
+fn reload(path: &std::path::Path, old: Config, reload_log: &LogReload) -> Config {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(
+                "SIGHUP: config rejected, the running configuration stays in force. {e}"
+            );
+            return old;
+        }
+    };
+    if new.hub.log != old.hub.log {
+        match reload_log(&new.hub.log) {
+            Ok(()) => tracing::info!(log = %new.hub.log, "SIGHUP: log filter changed"),
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: cannot change the log filter"),
+        }
+    }
+    let needs_restart = restart_needed(&old, &new);
+    if needs_restart.is_empty() {
+        tracing::info!("SIGHUP: config re-read; nothing else changed");
+        new
+    } else {
+        tracing::warn!(
+            changed = %needs_restart.join(", "),
+            "SIGHUP: config is valid, but these changes take effect only after a restart (systemctl restart modehub); the running hub keeps the old values for them"
+        );
+        // Keep the values that were not applied, so a later SIGHUP compares against what runs.
+        Config {
+            hub: modehub::config::HubConfig {
+                log: new.hub.log.clone(),
+                ..old.hub.clone()
+            },
+            ..old
+        }
+    }
+}
+
+/// What differs between two valid configs in ways only a restart applies, in words.
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let names = |c: &Config| -> Vec<String> { c.devices.iter().map(|d| d.name.clone()).collect() };
+    let (on, nn) = (names(old), names(new));
+    for n in nn.iter().filter(|n| !on.contains(n)) {
+        out.push(format!("device {n} added"));
+    }
+    for n in on.iter().filter(|n| !nn.contains(n)) {
+        out.push(format!("device {n} removed"));
+    }
+    for d in &new.devices {
+        if let Some(o) = old.devices.iter().find(|o| o.name == d.name) {
+            if o.mode_id != d.mode_id
+                || o.home_id != d.home_id
+                || o.api_key != d.api_key
+                || o.local_password != d.local_password
+            {
+                out.push(format!("device {} changed", d.name));
+            }
+        }
+    }
+    let ports =
+        |c: &Config| -> Vec<String> { c.serial.iter().map(|s| format!("{:?}", s)).collect() };
+    if ports(old) != ports(new) {
+        out.push("[[serial]] ports".into());
+    }
+    let hub = |c: &Config| {
+        let mut h = c.hub.clone();
+        h.log = String::new();
+        format!("{h:?}")
+    };
+    if hub(old) != hub(new) {
+        out.push("[hub] settings other than log".into());
+    }
+    if format!("{:?}", old.local) != format!("{:?}", new.local) {
+        out.push("[local]".into());
+    }
+    if format!("{:?}", old.cloud) != format!("{:?}", new.cloud) {
+        out.push("[cloud]".into());
+    }
+    if format!("{:?}", old.ops) != format!("{:?}", new.ops) {
+        out.push("[ops]".into());
+    }
+    out
 }
 
 fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {
@@ -231,27 +454,4 @@ fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {
         );
     }
     ExitCode::SUCCESS
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let hub = modehub::Hub::start(cfg).await.context("starting the hub")?;
-    wait_for_stop().await;
-    tracing::info!("stopping: finishing the current commit and closing sessions");
-    hub.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

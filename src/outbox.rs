@@ -208,6 +208,26 @@ pub struct OutboxStats {
     /// Pending rows and their bytes (kept by the writer).
     pub pending_rows: AtomicU64,
     pub pending_bytes: AtomicU64,
+    /// Commit latency histogram: slot `i` counts commits that took more than the previous
+    /// bound and at most `COMMIT_BUCKETS_MICROS[i]`; the last slot counts slower ones (+Inf).
+    pub commit_buckets: [AtomicU64; COMMIT_BUCKETS_MICROS.len() + 1],
+}
+
+/// Upper bounds of the commit latency histogram's buckets, in microseconds.
+pub const COMMIT_BUCKETS_MICROS: [u64; 12] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000,
+];
+
+impl OutboxStats {
+    fn observe_commit(&self, micros: u64) {
+        self.commit_micros.fetch_add(micros, Relaxed);
+        let slot = COMMIT_BUCKETS_MICROS
+            .iter()
+            .position(|b| micros <= *b)
+            .unwrap_or(COMMIT_BUCKETS_MICROS.len());
+        self.commit_buckets[slot].fetch_add(1, Relaxed);
+    }
 }
 
 /// Waits for one append to be committed.
@@ -948,12 +968,16 @@ impl Writer {
                     Ok(()) => {
                         self.stats.commits.fetch_add(1, Relaxed);
                         self.stats
-                            .commit_micros
-                            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+                            .observe_commit(started.elapsed().as_micros() as u64);
                         self.stats
                             .rows_appended
                             .fetch_add(appends.len() as u64, Relaxed);
                         self.stats.rows_acked.fetch_add(acks.len() as u64, Relaxed);
+                        // Bounds first, so a sensor that got its PUBACK sees the outbox (and
+                        // its drop counters) as they will stay.
+                        if let Err(e) = self.enforce_bounds() {
+                            tracing::error!(error = %e, "cannot enforce the outbox bounds");
+                        }
                         touched.clear();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
@@ -978,9 +1002,6 @@ impl Writer {
                     }
                 }
                 acks.clear();
-                if let Err(e) = self.enforce_bounds() {
-                    tracing::error!(error = %e, "cannot enforce the outbox bounds");
-                }
             }
             for job in jobs.drain(..) {
                 job(&mut self);

@@ -1,0 +1,652 @@
+//! Operations: what an installer and systemd see of a running hub.
+//!
+//! - [`notify`]: the systemd notify protocol (READY, a progress-gated WATCHDOG, STATUS, STOPPING).
+//! - [`http`]: the local endpoint (`[ops] listen`, default 127.0.0.1:9464) with `/healthz`,
+//!   Prometheus `/metrics` ([`prom`]) and `/status.json`.
+//! - [`status`]: the `modehub status` command, a client of `/status.json`.
+//!
+//! Everything here only *reads* the hub: counters ([`crate::metrics::Metrics`],
+//! [`crate::outbox::OutboxStats`]), the outbox's per-device depth, the upstream session states
+//! and local presence (a tap on the adapters' presence events, [`Presence`]). A running hub's
+//! view is an [`OpsContext`], built by [`crate::Hub::ops_context`]. Its background tasks end when
+//! the hub shuts down, so they never keep the outbox open. Nothing here prints a secret.
+
+pub mod http;
+pub mod notify;
+pub mod prom;
+pub mod status;
+
+use crate::config::Config;
+use crate::downlink::{ConnId, LocalEvent};
+use crate::metrics::Metrics;
+use crate::outbox::{DeviceDepth, Outbox};
+use crate::registry::{Device, Registry};
+use crate::uplink::SessionState;
+use crate::Hub;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+
+/// How long a health or watchdog probe of the outbox writer may take before it counts as stuck.
+pub const OUTBOX_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Which devices have a live local connection (MQTT client or open serial port).
+///
+/// Fed by [`Presence::tap`], which sits on the adapters' presence channel on its way to the
+/// downlink, so neither side needs to know about it.
+#[derive(Debug)]
+pub struct Presence {
+    conns: Mutex<Vec<Vec<ConnId>>>,
+    /// Set while the downlink keeps up with presence events (see [`Presence::downlink_stuck`]).
+    forward_full_since: Mutex<Option<Instant>>,
+}
+
+impl Presence {
+    pub fn new(devices: usize) -> Presence {
+        Presence {
+            conns: Mutex::new(vec![Vec::new(); devices]),
+            forward_full_since: Mutex::new(None),
+        }
+    }
+
+    /// Passes every event of `rx` on to the returned receiver, noting presence on the way.
+    pub fn tap(self: Arc<Self>, mut rx: mpsc::Receiver<LocalEvent>) -> mpsc::Receiver<LocalEvent> {
+        let (tx, out) = mpsc::channel(rx.max_capacity());
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                self.apply(&ev);
+                let ev = match tx.try_send(ev) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    Err(mpsc::error::TrySendError::Full(ev)) => ev,
+                };
+                // The downlink is behind; remember since when, for the watchdog.
+                self.forward_full_since
+                    .lock()
+                    .expect("presence lock")
+                    .get_or_insert_with(Instant::now);
+                let sent = tx.send(ev).await;
+                *self.forward_full_since.lock().expect("presence lock") = None;
+                if sent.is_err() {
+                    return;
+                }
+            }
+        });
+        out
+    }
+
+    fn apply(&self, ev: &LocalEvent) {
+        let mut conns = self.conns.lock().expect("presence lock");
+        match ev {
+            LocalEvent::Connected(dev, c) => {
+                if let Some(v) = conns.get_mut(*dev) {
+                    if !v.contains(c) {
+                        v.push(*c);
+                    }
+                }
+            }
+            LocalEvent::Disconnected(dev, c) => {
+                if let Some(v) = conns.get_mut(*dev) {
+                    v.retain(|x| x != c);
+                }
+            }
+            LocalEvent::Subscribed(..) => {}
+        }
+    }
+
+    /// Live local connections of device `dev` (registry index).
+    pub fn connections(&self, dev: usize) -> usize {
+        self.conns
+            .lock()
+            .expect("presence lock")
+            .get(dev)
+            .map_or(0, Vec::len)
+    }
+
+    /// How long the downlink has not taken presence events it was offered, if it is behind.
+    pub fn downlink_stuck(&self) -> Option<Duration> {
+        self.forward_full_since
+            .lock()
+            .expect("presence lock")
+            .map(|t| t.elapsed())
+    }
+}
+
+/// What the monitor task learns over time (the rest is read fresh on each request).
+#[derive(Debug)]
+struct Progress {
+    /// Last time MODE acknowledged something, or the backlog shrank or was empty.
+    last_progress: Instant,
+    last_delivered: u64,
+    last_total: Option<u64>,
+    last_commits: u64,
+    last_commit_errors: u64,
+    /// The most recent commit attempt failed.
+    commits_failing: bool,
+}
+
+/// The last upstream error of one device and when it happened (Unix ms).
+#[derive(Debug, Clone)]
+struct LastError {
+    what: String,
+    at_ms: i64,
+}
+
+/// A running hub as ops sees it. Cheap to share (`Arc`).
+pub struct OpsContext {
+    metrics: Arc<Metrics>,
+    /// Taken away when the hub stops, so ops never keeps the outbox writer alive.
+    outbox: Mutex<Option<Outbox>>,
+    registry: Arc<Registry>,
+    sessions: Vec<watch::Receiver<SessionState>>,
+    presence: Arc<Presence>,
+    local_addr: SocketAddr,
+    started: Instant,
+    data_dir: PathBuf,
+    /// Per device (registry order): "mqtt" or "serial <port>".
+    transports: Vec<String>,
+    stall_after: Duration,
+    progress: Mutex<Progress>,
+    last_errors: Mutex<Vec<Option<LastError>>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Hub {
+    /// The ops view of this hub, with its monitor tasks started (they stop with the hub).
+    pub fn ops_context(&mut self, cfg: &Config) -> Arc<OpsContext> {
+        let transports = self
+            .registry
+            .iter()
+            .map(|d| {
+                cfg.serial
+                    .iter()
+                    .find(|s| s.devices.contains(&d.name))
+                    .map(|s| format!("serial {}", s.port.display()))
+                    .unwrap_or_else(|| "mqtt".to_string())
+            })
+            .collect();
+        let ctx = Arc::new(OpsContext {
+            metrics: self.metrics.clone(),
+            outbox: Mutex::new(Some(self.outbox.clone())),
+            registry: self.registry.clone(),
+            sessions: self.sessions.clone(),
+            presence: self.presence.clone(),
+            local_addr: self.local_addr,
+            started: self.started,
+            data_dir: cfg.hub.data_dir.clone(),
+            transports,
+            stall_after: Duration::from_secs(cfg.ops.stall_after_secs),
+            progress: Mutex::new(Progress {
+                last_progress: Instant::now(),
+                last_delivered: 0,
+                last_total: None,
+                last_commits: 0,
+                last_commit_errors: 0,
+                commits_failing: false,
+            }),
+            last_errors: Mutex::new(vec![None; self.registry.len()]),
+            shutdown: self.shutdown.subscribe(),
+        });
+        self.tasks.push(tokio::spawn(ctx.clone().monitor()));
+        for (i, rx) in self.sessions.iter().enumerate() {
+            let ctx = Arc::downgrade(&ctx);
+            let mut rx = rx.clone();
+            // Ends when the device's uplink task ends (its sender is dropped).
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let what = match &*rx.borrow_and_update() {
+                        SessionState::Down(r) if r != "hub stopping" => format!("upstream: {r}"),
+                        SessionState::Refused(r) => format!("upstream refused: {r}"),
+                        _ => continue,
+                    };
+                    let Some(ctx) = ctx.upgrade() else { return };
+                    ctx.last_errors.lock().expect("ops lock")[i] = Some(LastError {
+                        what,
+                        at_ms: now_ms(),
+                    });
+                }
+            });
+        }
+        ctx
+    }
+
+    /// Starts the local HTTP endpoint if `[ops] listen` is not "off"; it stops with the hub.
+    /// Returns the bound address.
+    pub async fn start_ops_server(
+        &mut self,
+        ctx: Arc<OpsContext>,
+        cfg: &Config,
+    ) -> anyhow::Result<Option<SocketAddr>> {
+        let Some(addr) = cfg.ops.listen_addr() else {
+            return Ok(None);
+        };
+        let (bound, task) = http::serve(ctx, addr, self.shutdown.subscribe()).await?;
+        self.tasks.push(task);
+        Ok(Some(bound))
+    }
+}
+
+/// Outcome of one health check.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The hub's health: healthy only if every check is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub healthy: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Health {
+    /// One line: "ok" or the failed checks' details joined by "; ".
+    pub fn summary(&self) -> String {
+        if self.healthy {
+            "ok".into()
+        } else {
+            self.checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.name, c.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+    }
+}
+
+/// One device in `/status.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub mode_id: u64,
+    pub home_id: Option<u64>,
+    /// "mqtt" or "serial <port>".
+    pub transport: String,
+    pub local_connections: usize,
+    /// "up", "connecting", "down: <why>", "refused: <why>".
+    pub upstream: String,
+    /// "active", "deactivated" or "unknown" (until a home watcher feeds it).
+    pub home_state: String,
+    pub queued: u64,
+    pub queued_bytes: u64,
+    /// Capture-independent age of the oldest row waiting for MODE, seconds.
+    pub oldest_pending_secs: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_secs_ago: Option<u64>,
+}
+
+/// `/status.json`: what `modehub status` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub data_dir: String,
+    pub data_dir_bytes: u64,
+    pub local_mqtt: String,
+    pub health: Health,
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// "up", "connecting", "down: why", "refused: why".
+pub fn session_label(s: &SessionState) -> String {
+    match s {
+        SessionState::Up => "up".into(),
+        SessionState::Connecting => "connecting".into(),
+        SessionState::Down(r) => format!("down: {r}"),
+        SessionState::Refused(r) => format!("refused: {r}"),
+    }
+}
+
+/// The Prometheus label value of a session state.
+pub fn session_state_name(s: &SessionState) -> &'static str {
+    match s {
+        SessionState::Up => "up",
+        SessionState::Connecting => "connecting",
+        SessionState::Down(_) => "down",
+        SessionState::Refused(_) => "refused",
+    }
+}
+
+/// Bytes of the files in `dir` (one level of subdirectories deep).
+pub fn dir_size(dir: &Path) -> u64 {
+    fn walk(dir: &Path, depth: u32) -> u64 {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        rd.flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_file() => m.len(),
+                Ok(m) if m.is_dir() && depth > 0 => walk(&e.path(), depth - 1),
+                _ => 0,
+            })
+            .sum()
+    }
+    walk(dir, 1)
+}
+
+/// Bytes this process caused to be written to storage (`write_bytes` of /proc/self/io).
+pub fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl OpsContext {
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    /// The outbox, until the hub stops.
+    pub fn outbox(&self) -> Option<Outbox> {
+        self.outbox.lock().expect("ops lock").clone()
+    }
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+    pub fn session_states(&self) -> Vec<SessionState> {
+        self.sessions.iter().map(|s| s.borrow().clone()).collect()
+    }
+    pub fn local_connections(&self, dev: usize) -> usize {
+        self.presence.connections(dev)
+    }
+    pub fn transport(&self, dev: usize) -> &str {
+        &self.transports[dev]
+    }
+
+    /// Seam for the home watcher: the state of a device's home ("active", "deactivated",
+    /// "unknown"). Until the home watcher exists this is always "unknown".
+    pub fn home_state(&self, _device: &Device) -> &'static str {
+        "unknown"
+    }
+
+    /// Commands waiting in the outbox for each device (by MODE id) that is away locally.
+    pub async fn command_queue_depth(&self) -> HashMap<u64, u64> {
+        let Some(outbox) = self.outbox() else {
+            return HashMap::new();
+        };
+        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.pending_commands()).await {
+            Ok(Ok(m)) => m,
+            _ => HashMap::new(),
+        }
+    }
+
+    /// The outbox's backlog per device, or why it could not be read.
+    pub async fn depth(&self) -> Result<HashMap<u64, DeviceDepth>, String> {
+        let Some(outbox) = self.outbox() else {
+            return Err("hub stopping".into());
+        };
+        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.depth()).await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(format!("cannot read the outbox: {e}")),
+            Err(_) => Err(format!(
+                "the outbox writer did not answer within {} s (stuck commit or disk)",
+                OUTBOX_PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Liveness for the systemd watchdog: `Ok` only while the hub makes progress — the outbox
+    /// writer answers a request queued behind any pending commits (so those commits completed),
+    /// the downlink takes local presence events, and the hub is not stopping.
+    pub async fn liveness(&self) -> Result<(), String> {
+        if *self.shutdown.borrow() {
+            return Err("hub stopping".into());
+        }
+        self.depth().await?;
+        if let Some(d) = self.presence.downlink_stuck() {
+            if d > Duration::from_secs(5) {
+                return Err(format!(
+                    "the downlink has not taken local events for {} s",
+                    d.as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples counters and the backlog; ends when the hub stops.
+    async fn monitor(self: Arc<Self>) {
+        let every =
+            (self.stall_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            self.sample().await;
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => {
+                    self.outbox.lock().expect("ops lock").take();
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn sample(&self) {
+        let total = self
+            .depth()
+            .await
+            .ok()
+            .map(|d| d.values().map(|x| x.rows).sum::<u64>());
+        let delivered = self.metrics.delivered.load(Relaxed);
+        let Some(outbox) = self.outbox() else { return };
+        let commits = outbox.stats().commits.load(Relaxed);
+        let errors = outbox.stats().commit_errors.load(Relaxed);
+        let mut p = self.progress.lock().expect("ops lock");
+        let shrank = matches!((p.last_total, total), (Some(a), Some(b)) if b < a);
+        if delivered != p.last_delivered || total == Some(0) || shrank {
+            p.last_progress = Instant::now();
+        }
+        p.last_delivered = delivered;
+        if total.is_some() {
+            p.last_total = total;
+        }
+        if commits != p.last_commits {
+            p.commits_failing = false;
+        } else if errors != p.last_commit_errors {
+            p.commits_failing = true;
+        }
+        p.last_commits = commits;
+        p.last_commit_errors = errors;
+    }
+
+    /// Evaluates every health check now.
+    pub async fn health(&self) -> Health {
+        let mut checks = Vec::new();
+        // Outbox: the writer answers, and the last commit did not fail.
+        let depth = self.depth().await;
+        let (failing, since_progress, errors) = {
+            let p = self.progress.lock().expect("ops lock");
+            (
+                p.commits_failing,
+                p.last_progress.elapsed(),
+                self.outbox()
+                    .map_or(0, |o| o.stats().commit_errors.load(Relaxed)),
+            )
+        };
+        checks.push(match (&depth, failing) {
+            (Err(e), _) => Check {
+                name: "outbox".into(),
+                ok: false,
+                detail: e.clone(),
+            },
+            (Ok(_), true) => Check {
+                name: "outbox".into(),
+                ok: false,
+                detail: format!(
+                    "commits are failing ({errors} failed since start); see the log for the cause (disk full? read-only file system?)"
+                ),
+            },
+            (Ok(_), false) if self.outbox().is_some_and(|o| o.stats().disk_full.load(Relaxed) == 1) => Check {
+                name: "outbox".into(),
+                ok: false,
+                detail: format!(
+                    "new messages are refused: the disk holding {} is (nearly) full ([hub] min_free_disk); free space or lower the outbox bounds",
+                    self.data_dir.display()
+                ),
+            },
+            (Ok(_), false) => Check {
+                name: "outbox".into(),
+                ok: true,
+                detail: "writer answers, commits succeed".into(),
+            },
+        });
+        // Broker: the local MQTT port accepts connections.
+        let probe = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(connectable(self.local_addr)),
+        )
+        .await;
+        checks.push(Check {
+            name: "broker".into(),
+            ok: matches!(probe, Ok(Ok(_))),
+            detail: match probe {
+                Ok(Ok(_)) => format!("listening on {}", self.local_addr),
+                Ok(Err(e)) => format!("local MQTT port {} refuses: {e}", self.local_addr),
+                Err(_) => format!("local MQTT port {} does not answer", self.local_addr),
+            },
+        });
+        // Cloud: at least the reachable part works — some session is up (if there are devices).
+        let states = self.session_states();
+        let up = states.iter().filter(|s| **s == SessionState::Up).count();
+        let cloud_ok = states.is_empty() || up > 0;
+        let detail = if cloud_ok {
+            format!("{up}/{} upstream sessions up", states.len())
+        } else {
+            let first: Vec<String> = self
+                .registry
+                .iter()
+                .zip(&states)
+                .take(3)
+                .map(|(d, s)| format!("{} {}", d.name, session_label(s)))
+                .collect();
+            format!(
+                "no upstream session is up ({}); check the network and [cloud] mqtt_url",
+                first.join(", ")
+            )
+        };
+        checks.push(Check {
+            name: "cloud".into(),
+            ok: cloud_ok,
+            detail,
+        });
+        // Draining: sessions up and a backlog, but no MODE acknowledgement for too long.
+        let queued: u64 = depth
+            .as_ref()
+            .map(|d| d.values().map(|x| x.rows).sum())
+            .unwrap_or(0);
+        let stalled = queued > 0 && up > 0 && since_progress > self.stall_after;
+        checks.push(Check {
+            name: "draining".into(),
+            ok: !stalled,
+            detail: if stalled {
+                format!(
+                    "connected but not draining: {queued} messages queued, {up} sessions up, no acknowledgement from MODE and no shrinking backlog for {} s (limit [ops] stall_after_secs = {})",
+                    since_progress.as_secs(),
+                    self.stall_after.as_secs()
+                )
+            } else {
+                format!("{queued} messages queued")
+            },
+        });
+        Health {
+            healthy: checks.iter().all(|c| c.ok),
+            checks,
+        }
+    }
+
+    /// Everything `/status.json` returns.
+    pub async fn status(&self) -> StatusReport {
+        let health = self.health().await;
+        let depth = self.depth().await.unwrap_or_default();
+        let states = self.session_states();
+        let errors = self.last_errors.lock().expect("ops lock").clone();
+        let now = now_ms();
+        let devices = self
+            .registry
+            .iter()
+            .zip(states)
+            .map(|(d, s)| {
+                let dd = depth.get(&d.mode_id).cloned().unwrap_or_default();
+                let err = errors.get(d.id).cloned().flatten();
+                DeviceStatus {
+                    name: d.name.clone(),
+                    mode_id: d.mode_id,
+                    home_id: d.home_id,
+                    transport: self.transport(d.id).to_string(),
+                    local_connections: self.local_connections(d.id),
+                    upstream: session_label(&s),
+                    home_state: self.home_state(d).to_string(),
+                    queued: dd.rows,
+                    queued_bytes: dd.bytes,
+                    oldest_pending_secs: dd.oldest_ms.map(|t| ((now - t).max(0) / 1000) as u64),
+                    last_error_secs_ago: err
+                        .as_ref()
+                        .map(|e| ((now - e.at_ms).max(0) / 1000) as u64),
+                    last_error: err.map(|e| e.what),
+                }
+            })
+            .collect();
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: self.uptime().as_secs(),
+            data_dir: self.data_dir.display().to_string(),
+            data_dir_bytes: dir_size(&self.data_dir),
+            local_mqtt: self.local_addr.to_string(),
+            health,
+            devices,
+        }
+    }
+
+    /// The one-line STATUS= text for systemd.
+    pub async fn status_line(&self) -> String {
+        let states = self.session_states();
+        let up = states.iter().filter(|s| **s == SessionState::Up).count();
+        let local = (0..self.registry.len())
+            .filter(|i| self.presence.connections(*i) > 0)
+            .count();
+        let queued = match self.depth().await {
+            Ok(d) => d.values().map(|x| x.rows).sum::<u64>().to_string(),
+            Err(_) => "?".into(),
+        };
+        format!(
+            "{up}/{n} upstream up, {local}/{n} local, {queued} queued, {} in / {} out",
+            self.metrics.accepted.load(Relaxed),
+            self.metrics.delivered.load(Relaxed),
+            n = states.len()
+        )
+    }
+}
+
+/// An address a client on this machine can connect to (0.0.0.0 / :: become loopback).
+pub fn connectable(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    a
+}

@@ -283,6 +283,9 @@ pub struct CloudConfig {
     pub seq_field: String,
     /// Field added to every event's `eventData` with the capture time ("" = off).
     pub captured_at_field: String,
+    /// The project API key read from `project_key_file` by `Config::load` (never printed).
+    #[serde(skip)]
+    pub project_key: Option<Secret>,
 }
 
 impl Default for CloudConfig {
@@ -299,6 +302,7 @@ impl Default for CloudConfig {
             keepalive_secs: 30,
             seq_field: "_seq".into(),
             captured_at_field: "_capturedAt".into(),
+            project_key: None,
         }
     }
 }
@@ -834,8 +838,9 @@ impl Config {
         }
         if let Some(pk) = &self.cloud.project_key_file {
             let pk = base.join(pk);
-            if let Err((what, fix)) = read_secret_file(&pk) {
-                push("cloud", "project_key_file", what, fix);
+            match read_secret_file(&pk) {
+                Ok(key) => self.cloud.project_key = Some(key),
+                Err((what, fix)) => push("cloud", "project_key_file", what, fix),
             }
         }
         if self.devices.is_empty() {

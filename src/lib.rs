@@ -8,15 +8,18 @@
 //! benchmarks and the demo in [`emulator`].
 
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod downlink;
 #[cfg(not(modehub_no_emulator))]
 pub mod emulator;
+pub mod homes;
 pub mod metrics;
 pub mod mode;
 pub mod ops;
 pub mod outbox;
+pub mod pacing;
 pub mod registry;
 pub mod router;
 pub mod serial;
@@ -29,7 +32,7 @@ use crate::mode::SessionConfig;
 use crate::outbox::{Notifier, Outbox, OutboxOptions};
 use crate::registry::Registry;
 use crate::router::{Clock, Router};
-use crate::uplink::{DeviceUplink, SessionState};
+use crate::uplink::{DeviceUplink, SessionState, UplinkStatus};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +45,10 @@ pub struct Hub {
     outbox: Outbox,
     registry: Arc<Registry>,
     sessions: Vec<watch::Receiver<SessionState>>,
+    homes: Arc<homes::Homes>,
+    pacer: Arc<pacing::Pacer>,
+    uplinks: Vec<Arc<UplinkStatus>>,
+    clock: Option<Arc<clock::ClockWatch>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
@@ -51,17 +58,11 @@ pub struct Hub {
 }
 
 /// Options that tests and tools set; production uses the defaults.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct StartOptions {
-    pub clock: Clock,
-}
-
-impl Default for StartOptions {
-    fn default() -> Self {
-        StartOptions {
-            clock: router::system_clock(),
-        }
-    }
+    /// Capture clock; `None` = the system's ([`clock::ClockWatch`]: boot id, boot-time
+    /// monotonic, synchronised or not, repaired once synchronised).
+    pub clock: Option<Clock>,
 }
 
 impl Hub {
@@ -96,12 +97,23 @@ impl Hub {
             notifier,
         )?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let (capture_clock, clock_watch) = match opts.clock {
+            Some(c) => (c, None),
+            None => {
+                let w = clock::ClockWatch::system();
+                tasks.push(tokio::spawn(
+                    w.clone().run(outbox.clone(), shutdown_rx.clone()),
+                ));
+                (w.clock(), Some(w))
+            }
+        };
         let router = Router::new(
             registry.clone(),
             outbox.clone(),
             metrics.clone(),
             cfg.hub.max_payload_bytes,
-            opts.clock.clone(),
+            capture_clock,
         )
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
@@ -145,7 +157,7 @@ impl Hub {
         .await?;
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
-        let mut tasks = serial_tasks;
+        tasks.extend(serial_tasks);
         let down = downlink::Downlink {
             registry: registry.clone(),
             broker,
@@ -178,10 +190,29 @@ impl Hub {
                 captured_at_field: cfg.cloud.captured_at_field.clone(),
             },
         };
+        let homes = homes::Homes::new(
+            registry.iter().map(|d| (d.mode_id, d.home_id)),
+            cfg.cloud.project_key.is_some(),
+        );
+        tasks.push(tokio::spawn(homes::run(
+            homes.clone(),
+            cfg.cloud.api_url.clone(),
+            cfg.cloud.project_key.clone(),
+            std::time::Duration::from_secs(cfg.cloud.home_poll_interval_secs),
+            shutdown_rx.clone(),
+        )));
+        let pacer = pacing::Pacer::new(
+            cfg.cloud.max_project_messages_per_minute,
+            cfg.cloud.max_messages_per_minute,
+        );
+        let mut uplinks = Vec::new();
         let mut sessions = Vec::new();
         for d in registry.iter() {
             let (state, state_rx) = watch::channel(SessionState::Connecting);
             sessions.push(state_rx);
+            let pace = pacing::DevicePacer::new(cfg.cloud.max_messages_per_minute);
+            let status = DeviceUplink::new_status(d, &pace);
+            uplinks.push(status.clone());
             let up = DeviceUplink {
                 device: d.clone(),
                 outbox: outbox.clone(),
@@ -191,6 +222,11 @@ impl Hub {
                 metrics: metrics.clone(),
                 state,
                 shutdown: shutdown_rx.clone(),
+                pacer: pacer.clone(),
+                pace,
+                homes: homes.clone(),
+                refusal_retry: std::time::Duration::from_secs(cfg.cloud.home_poll_interval_secs),
+                status,
             };
             tasks.push(tokio::spawn(up.run()));
         }
@@ -206,6 +242,10 @@ impl Hub {
             outbox,
             registry,
             sessions,
+            homes,
+            pacer,
+            uplinks,
+            clock: clock_watch,
             shutdown,
             tasks,
             outbox_thread: Some(outbox_thread),
@@ -229,6 +269,26 @@ impl Hub {
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// The home watcher's shared state.
+    pub fn homes(&self) -> &Arc<homes::Homes> {
+        &self.homes
+    }
+
+    /// Hub-wide pacing (token buckets).
+    pub fn pacer(&self) -> &Arc<pacing::Pacer> {
+        &self.pacer
+    }
+
+    /// Each device's uplink status (pacing, hold), in registry order.
+    pub fn uplink_status(&self) -> &[Arc<UplinkStatus>] {
+        &self.uplinks
+    }
+
+    /// The capture clock's state (`None` when a test injected its own clock).
+    pub fn clock(&self) -> Option<&Arc<clock::ClockWatch>> {
+        self.clock.as_ref()
     }
 
     /// Upstream session state of each device, in registry order.

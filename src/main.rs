@@ -27,6 +27,16 @@ enum Cmd {
         #[arg(long, short, default_value = "/etc/modehub/config.toml")]
         config: PathBuf,
     },
+    /// Show what waits in the outbox (depth per device, oldest pending, dead letters).
+    /// Read-only: safe while the hub runs.
+    Outbox {
+        /// Config file (for hub.data_dir).
+        #[arg(long, short, default_value = "/etc/modehub/config.toml")]
+        config: PathBuf,
+        /// How many of the newest dead letters to list.
+        #[arg(long, default_value_t = 20)]
+        dead: usize,
+    },
     /// Show the running hub's devices, queues and health (asks its ops endpoint).
     Status {
         /// Print the raw JSON (`/status.json`) for scripts.
@@ -127,6 +137,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::CheckConfig { config } => return check_config(&config),
         Cmd::Status { json, ops, config } => return status(json, ops, config),
+        Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -372,4 +383,75 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         out.push("[ops]".into());
     }
     out
+}
+
+fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let report = match modehub::outbox::inspect(&cfg.hub.data_dir, dead) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let age = |ms: Option<i64>| match ms {
+        Some(t) => humantime::format_duration(std::time::Duration::from_secs(
+            ((now - t).max(0) / 1000) as u64,
+        ))
+        .to_string(),
+        None => "-".into(),
+    };
+    let names: std::collections::HashMap<u64, &str> = cfg
+        .devices
+        .iter()
+        .map(|d| (d.mode_id, d.name.as_str()))
+        .collect();
+    println!(
+        "outbox {} (schema v{})",
+        cfg.hub.data_dir.join("hub.db").display(),
+        report.schema_version
+    );
+    println!(
+        "{:<24} {:>10} {:>8} {:>8} {:>12} {:>16} {:>9}",
+        "device", "mode_id", "events", "kv", "bytes", "oldest pending", "unsynced"
+    );
+    let (mut rows, mut bytes) = (0, 0);
+    for d in &report.devices {
+        rows += d.rows;
+        bytes += d.bytes;
+        println!(
+            "{:<24} {:>10} {:>8} {:>8} {:>12} {:>16} {:>9}",
+            names.get(&d.device).copied().unwrap_or("(not configured)"),
+            d.device,
+            d.events,
+            d.kv_changes,
+            d.bytes,
+            age(d.oldest_created_ms),
+            d.unsynced
+        );
+    }
+    println!(
+        "total: {rows} rows, {bytes} bytes; {} commands waiting for their device",
+        report.pending_commands
+    );
+    println!("dead letters: {}", report.dead_letters_total);
+    for dl in &report.dead_letters {
+        println!(
+            "  #{:<8} device {:<10} {:?} {:<24} {} ago: {}",
+            dl.id,
+            dl.device,
+            dl.kind,
+            dl.key,
+            age(Some(dl.failed_at_ms)),
+            dl.reason
+        );
+    }
+    ExitCode::SUCCESS
 }

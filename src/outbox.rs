@@ -973,6 +973,11 @@ impl Writer {
                             .rows_appended
                             .fetch_add(appends.len() as u64, Relaxed);
                         self.stats.rows_acked.fetch_add(acks.len() as u64, Relaxed);
+                        // Bounds first, so a sensor that got its PUBACK sees the outbox (and
+                        // its drop counters) as they will stay.
+                        if let Err(e) = self.enforce_bounds() {
+                            tracing::error!(error = %e, "cannot enforce the outbox bounds");
+                        }
                         touched.clear();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
@@ -997,9 +1002,6 @@ impl Writer {
                     }
                 }
                 acks.clear();
-                if let Err(e) = self.enforce_bounds() {
-                    tracing::error!(error = %e, "cannot enforce the outbox bounds");
-                }
             }
             for job in jobs.drain(..) {
                 job(&mut self);
@@ -1359,6 +1361,89 @@ fn add_signed(a: &AtomicU64, delta: i64) {
     }
 }
 
+/// One device's line in [`inspect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceReport {
+    pub device: u64,
+    pub rows: u64,
+    pub events: u64,
+    pub kv_changes: u64,
+    pub bytes: u64,
+    /// When the oldest pending row was accepted (unix ms).
+    pub oldest_created_ms: Option<i64>,
+    /// Capture time of the oldest pending row (unix ms).
+    pub oldest_captured_ms: Option<i64>,
+    /// Rows whose capture time is a guess (clock never synchronised).
+    pub unsynced: u64,
+}
+
+/// What `modehub outbox` prints: the outbox read through a read-only connection (works while
+/// the hub runs, thanks to WAL).
+#[derive(Debug, Clone)]
+pub struct OutboxReport {
+    pub schema_version: i64,
+    pub devices: Vec<DeviceReport>,
+    pub dead_letters_total: u64,
+    pub dead_letters: Vec<DeadLetter>,
+    pub pending_commands: u64,
+}
+
+/// Reads `data_dir/hub.db` read-only: depth per device, oldest pending, dead letters (newest
+/// `dead_limit`).
+pub fn inspect(data_dir: &Path, dead_limit: usize) -> Result<OutboxReport, OutboxError> {
+    let path = data_dir.join("hub.db");
+    if !path.exists() {
+        return Err(OutboxError::Open {
+            path: path.clone(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some("no outbox database here: check hub.data_dir in the config".into()),
+            ),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| OutboxError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let mut st = conn.prepare(
+        "SELECT device, COUNT(*), SUM(kind = 0), SUM(kind != 0),
+                COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0), MIN(created_at), MIN(captured_at),
+                SUM(synced = 0)
+         FROM outbox GROUP BY device ORDER BY device",
+    )?;
+    let devices = st
+        .query_map([], |r| {
+            Ok(DeviceReport {
+                device: r.get::<_, i64>(0)? as u64,
+                rows: r.get::<_, i64>(1)? as u64,
+                events: r.get::<_, i64>(2)? as u64,
+                kv_changes: r.get::<_, i64>(3)? as u64,
+                bytes: r.get::<_, i64>(4)? as u64,
+                oldest_created_ms: r.get(5)?,
+                oldest_captured_ms: r.get(6)?,
+                unsynced: r.get::<_, i64>(7)? as u64,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let dead_letters_total: i64 =
+        conn.query_row("SELECT COUNT(*) FROM dead_letter", [], |r| r.get(0))?;
+    let pending_commands: i64 =
+        conn.query_row("SELECT COUNT(*) FROM pending_command", [], |r| r.get(0))?;
+    Ok(OutboxReport {
+        schema_version,
+        devices,
+        dead_letters_total: dead_letters_total as u64,
+        dead_letters: dead_letters(&conn, dead_limit)?,
+        pending_commands: pending_commands as u64,
+    })
+}
+
 /// Reads the schema version of a database file without opening it for writing (for tools).
 pub fn schema_version(path: &Path) -> Result<Option<i64>, OutboxError> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -1383,6 +1468,34 @@ mod tests {
             body: format!("{{\"n\":{n}}}"),
             captured: Capture::at(1),
         }
+    }
+
+    #[tokio::test]
+    async fn inspect_reads_depth_and_dead_letters_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _th) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
+        for n in 0..3 {
+            ob.append(rec(5, n)).await.unwrap();
+        }
+        let mut unsynced = rec(6, 0);
+        unsynced.captured.synced = false;
+        ob.append(unsynced).await.unwrap();
+        let first = ob.fetch(5, 0, 1).await.unwrap()[0].id;
+        assert!(ob
+            .dead_letter(first, "400 INVALID_INPUT".into())
+            .await
+            .unwrap());
+        // The writer still holds the database open.
+        let r = inspect(dir.path(), 10).unwrap();
+        assert!(r.schema_version > 0);
+        assert_eq!(r.devices.len(), 2);
+        assert_eq!((r.devices[0].device, r.devices[0].rows), (5, 2));
+        assert_eq!(r.devices[0].events, 2);
+        assert_eq!(r.devices[1].unsynced, 1);
+        assert_eq!(r.dead_letters_total, 1);
+        assert_eq!(r.dead_letters[0].reason, "400 INVALID_INPUT");
+        let missing = inspect(&dir.path().join("nope"), 10).unwrap_err();
+        assert!(missing.to_string().contains("hub.db"), "{missing}");
     }
 
     #[tokio::test]

@@ -1,23 +1,40 @@
-//! The uplink: drains the outbox to MODE, one MQTT session per device.
+//! The uplink: drains the outbox to MODE, one session per device.
 //!
-//! Each device gets its own task and session, so one slow, refused or offline device never holds
-//! up another. A task sends its device's rows strictly in outbox order with a bounded window of
-//! unacknowledged publishes, deletes a row only when MODE's PUBACK for it arrives, and after any
+//! Each device gets its own task and session, so one slow, refused, held or offline device never
+//! holds up another. A task sends its device's rows strictly in outbox order with a bounded window
+//! of unacknowledged publishes, deletes a row only when MODE acknowledges it, and after any
 //! connection loss starts again from the oldest row still in the outbox (at-least-once; the
 //! per-device `_seq` lets consumers drop the duplicates). Reconnects back off exponentially with
-//! full jitter up to a minute; a refused login parks the device and retries rarely. What MODE
-//! sends down is passed on untouched to the downlink. This module must not speak SQL or parse
-//! MODE payloads: it moves rows and bytes.
+//! half jitter up to a minute; a refused login parks the device and retries rarely.
+//!
+//! Every send takes a token from the device's bucket and from the hub-wide one ([`crate::pacing`]):
+//! a device replaying a backlog queues fairly behind the other replaying devices and leaves the
+//! live share alone. A session that MODE ends right after a burst halves the device's rate (AIMD).
+//!
+//! Holds: while the device's home is deactivated ([`crate::homes`]) the session stays up (commands
+//! and kv updates still come down) but nothing of the device's is sent; when the home is active
+//! again the held rows go in their original order. A refusal that is not permanent (a 403, a
+//! refused kv write, a reason the hub does not know) pokes the home watcher and holds the device
+//! for `cloud.home_poll_interval_secs` before it tries again from the refused row. What MODE sends
+//! down is passed on untouched to the downlink. This module must not speak SQL or parse MODE
+//! payloads: it moves rows and bytes.
 
+use crate::homes::Homes;
 use crate::metrics::Metrics;
 use crate::mode::{Session, SessionConfig, SessionEvent};
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Row};
+use crate::pacing::{Class, DevicePaceStatus, DevicePacer, Pacer};
 use crate::registry::{Device, DeviceId};
+use crate::Hub;
 use bytes::Bytes;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
 
 /// Something MODE sent to one device.
 #[derive(Debug)]
@@ -72,11 +89,65 @@ impl Backoff {
     }
 }
 
+/// Why a device is not sending right now, for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    /// Its home is deactivated in MODE.
+    HomeDeactivated,
+    /// MODE refused one of its messages (`status reason`); retried at `retry_at_ms` (unix ms).
+    Refused { reason: String, retry_at_ms: i64 },
+}
+
+/// What status shows of one device's uplink (shared with its task).
+#[derive(Debug)]
+pub struct UplinkStatus {
+    pub mode_id: u64,
+    pub name: String,
+    pub pace: Arc<DevicePaceStatus>,
+    hold: Mutex<Option<Hold>>,
+}
+
+impl UplinkStatus {
+    pub fn hold(&self) -> Option<Hold> {
+        self.hold.lock().expect("status lock").clone()
+    }
+    fn set_hold(&self, h: Option<Hold>) {
+        *self.hold.lock().expect("status lock") = h;
+    }
+}
+
+/// One device's backlog, for `modehub status` and metrics.
+#[derive(Debug, Clone)]
+pub struct DeviceBacklog {
+    pub name: String,
+    pub mode_id: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// When the oldest waiting row was accepted (unix ms).
+    pub oldest_ms: Option<i64>,
+    /// The device's current allowed rate, messages a minute (after AIMD).
+    pub rate_per_minute: f64,
+    /// Delivery rate seen recently, messages a minute (0 when nothing was delivered lately).
+    pub drain_per_minute: f64,
+    pub replaying: bool,
+    pub hold: Option<Hold>,
+    /// Estimated time to drain at the expected rate; `None` while held or when nothing moves.
+    pub eta: Option<Duration>,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// How long a refused device waits before trying its credentials again.
 const PARKED_RETRY: Duration = Duration::from_secs(600);
 /// A session that stayed up this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
+/// Everything one device's uplink task needs.
 pub struct DeviceUplink {
     pub device: Device,
     pub outbox: Outbox,
@@ -86,9 +157,36 @@ pub struct DeviceUplink {
     pub metrics: Arc<Metrics>,
     pub state: watch::Sender<SessionState>,
     pub shutdown: watch::Receiver<bool>,
+    /// Hub-wide pacing.
+    pub pacer: Arc<Pacer>,
+    /// This device's bucket (AIMD).
+    pub pace: DevicePacer,
+    pub homes: Arc<Homes>,
+    /// How long a device waits after a refusal before trying again.
+    pub refusal_retry: Duration,
+    pub status: Arc<UplinkStatus>,
 }
 
+/// Why `pump` returned.
+struct Ended {
+    reason: String,
+    /// MODE (or the network) ended the session, rather than the hub.
+    remote: bool,
+}
+
+type Permit = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 impl DeviceUplink {
+    /// The status record to hand to [`Hub`] before the task starts.
+    pub fn new_status(device: &Device, pace: &DevicePacer) -> Arc<UplinkStatus> {
+        Arc::new(UplinkStatus {
+            mode_id: device.mode_id,
+            name: device.name.clone(),
+            pace: pace.status(),
+            hold: Mutex::new(None),
+        })
+    }
+
     /// Runs until shutdown.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
@@ -107,16 +205,21 @@ impl DeviceUplink {
                     tracing::info!(device = %self.device.name, mode_id = self.device.mode_id, "upstream session up");
                     self.state.send_replace(SessionState::Up);
                     let started = tokio::time::Instant::now();
-                    let reason = self.pump(session).await;
+                    let ended = self.pump(session).await;
+                    self.pace.set_replaying(false, self.pacer.stats());
                     if *self.shutdown.borrow() {
                         break;
+                    }
+                    if ended.remote && self.pace.session_ended(self.pacer.stats()) {
+                        tracing::warn!(device = %self.device.name, rate_per_minute = self.pace.rate() as u64,
+                            "MODE ended the session right after a burst (a rate limit?): pacing this device down");
                     }
                     if started.elapsed() >= STABLE_SESSION {
                         backoff.reset();
                     }
                     let d = backoff.next_delay();
-                    tracing::warn!(device = %self.device.name, %reason, retry_in = ?d, "upstream session lost; outbox keeps everything");
-                    self.state.send_replace(SessionState::Down(reason));
+                    tracing::warn!(device = %self.device.name, reason = %ended.reason, retry_in = ?d, "upstream session lost; outbox keeps everything");
+                    self.state.send_replace(SessionState::Down(ended.reason));
                     d
                 }
                 Err(e) if e.is_auth() => {
@@ -147,8 +250,23 @@ impl DeviceUplink {
         }
     }
 
-    /// Sends rows and handles answers until the session ends; returns why it ended.
-    async fn pump(&mut self, mut session: Session) -> String {
+    /// A permit to send one message: the device's token (by waiting) then a hub-wide one.
+    fn permit(&mut self, class: Class) -> Permit {
+        let wait = self.pace.wait();
+        let pacer = self.pacer.clone();
+        if !wait.is_zero() {
+            pacer.stats().waited.fetch_add(1, Relaxed);
+        }
+        Box::pin(async move {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            pacer.acquire(class).await;
+        })
+    }
+
+    /// Sends rows and handles answers until the session ends; says why it ended.
+    async fn pump(&mut self, mut session: Session) -> Ended {
         let window = session.window(&self.session);
         if let Some(reload) = session.take_initial_kv() {
             let (done, applied) = tokio::sync::oneshot::channel();
@@ -158,35 +276,65 @@ impl DeviceUplink {
                 .await;
             let _ = tokio::time::timeout(Duration::from_secs(10), applied).await;
         }
+        let mut home = self.homes.held(self.device.home_id);
+        let mut home_held = *home.borrow_and_update();
+        let mut refused_until: Option<Instant> = None;
         let mut cursor = 0i64;
         let mut more = true;
+        let mut ready: VecDeque<Row> = VecDeque::with_capacity(window);
+        let mut permit: Option<Permit> = None;
         let mut buf = Vec::with_capacity(256);
+        self.update_hold(home_held, refused_until);
         loop {
-            // Refill when half the window is free: one outbox read per batch of PUBACKs, not one
-            // read (a round trip through the writer thread) per PUBACK.
-            if more && session.in_flight() <= window / 2 {
-                let room = window - session.in_flight();
-                match self.outbox.fetch(self.device.mode_id, cursor, room).await {
-                    Ok(rows) => {
-                        more = rows.len() == room;
-                        for row in rows {
-                            if let Err(e) = session.send(&row, &self.session.stamping, &mut buf) {
-                                session.close().await;
-                                return e;
+            let held = home_held || refused_until.is_some();
+            if held {
+                // Keep the session (commands), send nothing. A token being waited for is given up.
+                permit = None;
+            } else {
+                // Refill when half the window is free: one outbox read per batch of PUBACKs,
+                // not one read (a round trip through the writer thread) per PUBACK.
+                let room = window.saturating_sub(session.in_flight() + ready.len());
+                if more && ready.is_empty() && session.in_flight() <= window / 2 {
+                    match self.outbox.fetch(self.device.mode_id, cursor, room).await {
+                        Ok(rows) => {
+                            more = rows.len() == room;
+                            if let Some(last) = rows.last() {
+                                cursor = last.id;
                             }
-                            cursor = row.id;
+                            ready.extend(rows);
+                            // A full page means more is waiting behind: the device is replaying.
+                            self.pace.set_replaying(more, self.pacer.stats());
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %self.device.name, error = %e, "cannot read the outbox");
+                            more = false;
                         }
                     }
-                    Err(e) => {
-                        tracing::error!(device = %self.device.name, error = %e, "cannot read the outbox");
-                        more = false;
-                    }
+                }
+                if permit.is_none() && !ready.is_empty() && session.in_flight() < window {
+                    let class = if self.pace.status().replaying() {
+                        Class::Backlog
+                    } else {
+                        Class::Live
+                    };
+                    permit = Some(self.permit(class));
                 }
             }
             tokio::select! {
+                _ = async { permit.as_mut().expect("guarded").await }, if permit.is_some() => {
+                    permit = None;
+                    if let Some(row) = ready.pop_front() {
+                        self.pace.take();
+                        if let Err(e) = session.send(&row, &self.session.stamping, &mut buf) {
+                            session.close().await;
+                            return Ended { reason: e, remote: false };
+                        }
+                    }
+                }
                 ev = session.next() => match ev {
                     SessionEvent::Acked(id) => {
                         self.metrics.delivered.fetch_add(1, Relaxed);
+                        self.pace.acked();
                         self.outbox.ack(id).await;
                         // A full window may have left rows behind.
                         more = true;
@@ -205,23 +353,110 @@ impl DeviceUplink {
                         }
                         more = true;
                     }
-                    SessionEvent::Rejected { status, reason, .. } => {
-                        // Not sendable now (e.g. a deactivated home): keep it and start over later.
-                        session.close().await;
-                        return format!("MODE refused a message: {status} {reason}");
+                    SessionEvent::Rejected { row, status, reason, .. } => {
+                        // Not sendable now (e.g. a deactivated home): keep it, hold the device,
+                        // ask the home watcher, and try again from this row later.
+                        let hint = crate::mode::homes::hints_deactivation(status, &reason);
+                        if hint {
+                            self.homes.poke();
+                        }
+                        tracing::warn!(device = %self.device.name, status, %reason, retry_in = ?self.refusal_retry,
+                            "MODE refused a message; holding this device's messages (session kept for commands)");
+                        refused_until = Some(Instant::now() + self.refusal_retry);
+                        ready.clear();
+                        cursor = cursor.min(row - 1);
+                        more = true;
+                        self.update_hold(home_held, refused_until);
                     }
                     SessionEvent::Throttled(d) => {
+                        self.pacer.stats().throttled_429.fetch_add(1, Relaxed);
                         tracing::warn!(device = %self.device.name, wait = ?d, "MODE asked to slow down (429); waiting");
                     }
-                    SessionEvent::Closed(reason) => return reason,
+                    SessionEvent::Closed(reason) => return Ended { reason, remote: true },
                 },
+                _ = async { tokio::time::sleep_until(refused_until.expect("guarded")).await }, if refused_until.is_some() => {
+                    tracing::info!(device = %self.device.name, "retrying after MODE's refusal");
+                    refused_until = None;
+                    self.update_hold(home_held, refused_until);
+                }
+                r = home.changed() => {
+                    if r.is_err() {
+                        // The watcher is gone (hub stopping): no more holds from it.
+                        home = self.homes.held(None);
+                    }
+                    let now_held = *home.borrow_and_update();
+                    if home_held && !now_held {
+                        tracing::info!(device = %self.device.name, "home active: sending held messages in order");
+                        // A refusal was probably the deactivation: try again at once.
+                        refused_until = None;
+                        more = true;
+                    }
+                    home_held = now_held;
+                    self.update_hold(home_held, refused_until);
+                }
                 _ = self.notify.notified() => more = true,
                 _ = self.shutdown.changed() => {
                     session.close().await;
-                    return "hub stopping".into();
+                    return Ended { reason: "hub stopping".into(), remote: false };
                 }
             }
         }
+    }
+
+    fn update_hold(&self, home_held: bool, refused_until: Option<Instant>) {
+        let hold = if home_held {
+            Some(Hold::HomeDeactivated)
+        } else {
+            refused_until.map(|t| Hold::Refused {
+                reason: "MODE refused a message".into(),
+                retry_at_ms: unix_ms()
+                    + t.saturating_duration_since(Instant::now()).as_millis() as i64,
+            })
+        };
+        self.status.set_hold(hold);
+    }
+}
+
+impl Hub {
+    /// Each device's backlog, allowed rate and estimated time to drain, in registry order.
+    pub async fn backlog(&self) -> Vec<DeviceBacklog> {
+        let depth = self.outbox().depth().await.unwrap_or_default();
+        let pacer = self.pacer();
+        let replaying = pacer.stats().devices_replaying.load(Relaxed);
+        self.uplink_status()
+            .iter()
+            .map(|u| {
+                let d = depth.get(&u.mode_id).cloned().unwrap_or_default();
+                let hold = u.hold();
+                let rate = u.pace.rate_per_minute();
+                // Expected: what the device may send, within its fair share of the hub's budget
+                // while others replay too; what it actually delivered if that is known.
+                let expected = rate.min(pacer.fair_share_per_minute(replaying.max(1)));
+                let seen = u.pace.drain_per_minute();
+                let per_minute = if seen > 0.0 { seen.min(rate) } else { expected };
+                DeviceBacklog {
+                    name: u.name.clone(),
+                    mode_id: u.mode_id,
+                    rows: d.rows,
+                    bytes: d.bytes,
+                    oldest_ms: d.oldest_ms,
+                    rate_per_minute: rate,
+                    drain_per_minute: seen,
+                    replaying: u.pace.replaying(),
+                    eta: if hold.is_some() {
+                        None
+                    } else {
+                        crate::pacing::eta(d.rows, per_minute)
+                    },
+                    hold,
+                }
+            })
+            .collect()
+    }
+
+    /// Hub-wide pacing counters (429s, burst drops, AIMD decreases, devices replaying).
+    pub fn pacing_stats(&self) -> &crate::pacing::PacingStats {
+        self.pacer().stats()
     }
 }
 

@@ -402,7 +402,10 @@ async fn malformed_ddp_from_the_cloud_is_counted_and_ignored() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let m = hub.metrics();
-    assert!(m.down.kv_applied.load(Relaxed) >= 2, "reload + set");
+    assert!(
+        m.down.kv_applied.load(Relaxed) >= 1,
+        "the reload (and the set, unless the reload had it)"
+    );
     let s = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     s.client
         .publish(

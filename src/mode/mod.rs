@@ -6,6 +6,7 @@
 //! hub hands this module outbox rows and gets back bytes to send. It must not touch SQL or local
 //! sockets.
 
+pub mod homes;
 pub mod mqtt;
 pub mod rest;
 
@@ -292,6 +293,11 @@ fn write_event(row: &Row, stamping: &Stamping, out: &mut Vec<u8>) {
     if !stamping.captured_at_field.is_empty() {
         push_field(&mut extra, &stamping.captured_at_field);
         let _ = write!(extra, "\"{}\"", rfc3339_ms(row.captured.wall_ms));
+        if !row.captured.synced {
+            // Captured before the clock was synchronised and not repairable (yet): a best guess.
+            push_field(&mut extra, &format!("{}Approx", stamping.captured_at_field));
+            extra.push_str("true");
+        }
     }
     out.push(b'{');
     out.extend_from_slice(inner.as_bytes());
@@ -365,6 +371,12 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["eventType"], "t\"q");
         assert_eq!(v["eventData"].as_object().unwrap().len(), 2);
+
+        let mut unsynced = row(Kind::Event, "t", "{}");
+        unsynced.captured.synced = false;
+        upstream_message(&unsynced, &st, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["eventData"]["_capturedAtApprox"], true);
 
         upstream_message(
             &row(Kind::Event, "t", "{ }"),

@@ -1,0 +1,332 @@
+//! The home watcher: knows whether each configured home is active or deactivated, and holds the
+//! devices of a deactivated home.
+//!
+//! MODE accepts events from the devices of a deactivated home and drops them without a word, so
+//! the hub has to know. With a project API key (`cloud.project_key_file`, read permission is
+//! enough) the watcher reads `GET /homes/{id}` for every configured home at start, every
+//! `cloud.home_poll_interval_secs`, and at once when an uplink pokes it (MODE refused one of a
+//! device's messages in a way that hints at deactivation). A home that cannot be read keeps its
+//! last known state: the hub never releases nor holds on a guess. Without a project key the
+//! watcher says once that deactivation cannot be watched and every home stays unknown (not
+//! held); the uplink then holds a device on an explicit refusal and retries periodically.
+//!
+//! Uplinks follow a home through [`Homes::held`] (a `watch` channel per home: `true` = hold).
+//! Status and metrics read [`Hub::home_states`] / [`Hub::home_status`]. The HTTP call lives in
+//! `mode::homes`; this module must not speak MODE's wire format or SQL.
+
+use crate::config::Secret;
+use crate::mode::homes::HomeError;
+use crate::Hub;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Notify};
+
+/// What the hub knows about a home.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HomeState {
+    Active,
+    Deactivated,
+    /// Never read successfully (no project key, MODE unreachable, key refused).
+    Unknown,
+}
+
+impl HomeState {
+    pub fn label(self) -> &'static str {
+        match self {
+            HomeState::Active => "active",
+            HomeState::Deactivated => "deactivated",
+            HomeState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for HomeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// One home as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomeStatus {
+    pub home_id: u64,
+    /// Last known state (a failed read keeps it; `Unknown` until the first good read).
+    pub state: HomeState,
+    /// Since when (unix ms) `state` holds; the hub's start for a home never read.
+    pub since_ms: i64,
+    /// Whether the last read failed (the state shown is then the last known one).
+    pub stale: bool,
+    /// Why the last read failed.
+    pub last_error: Option<String>,
+    /// When MODE last answered for this home (unix ms).
+    pub last_checked_ms: Option<i64>,
+    /// MODE device IDs of the configured devices in this home.
+    pub devices: Vec<u64>,
+}
+
+impl HomeStatus {
+    /// Whether the home's devices are held (nothing of theirs is sent).
+    pub fn held(&self) -> bool {
+        self.state == HomeState::Deactivated
+    }
+}
+
+/// [`HomeStatus`] plus how much its devices have waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct HomeReport {
+    pub status: HomeStatus,
+    /// Outbox rows of the home's devices (all held while the home is deactivated).
+    pub pending_rows: u64,
+    pub pending_bytes: u64,
+}
+
+/// Shared state of every configured home.
+pub struct Homes {
+    watched: bool,
+    inner: Mutex<BTreeMap<u64, HomeStatus>>,
+    holds: HashMap<u64, watch::Sender<bool>>,
+    /// For devices without a (known) home: never held.
+    never: watch::Sender<bool>,
+    poke: Notify,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Homes {
+    /// `devices`: (MODE device ID, home ID) of every configured device. `watched`: whether a
+    /// project key lets the watcher read homes.
+    pub fn new(devices: impl IntoIterator<Item = (u64, Option<u64>)>, watched: bool) -> Arc<Homes> {
+        let start = now_ms();
+        let mut inner: BTreeMap<u64, HomeStatus> = BTreeMap::new();
+        for (dev, home) in devices {
+            if let Some(h) = home {
+                inner
+                    .entry(h)
+                    .or_insert_with(|| HomeStatus {
+                        home_id: h,
+                        state: HomeState::Unknown,
+                        since_ms: start,
+                        stale: false,
+                        last_error: None,
+                        last_checked_ms: None,
+                        devices: Vec::new(),
+                    })
+                    .devices
+                    .push(dev);
+            }
+        }
+        let holds = inner
+            .keys()
+            .map(|h| (*h, watch::channel(false).0))
+            .collect();
+        Arc::new(Homes {
+            watched,
+            inner: Mutex::new(inner),
+            holds,
+            never: watch::channel(false).0,
+            poke: Notify::new(),
+        })
+    }
+
+    /// Whether a project key lets the hub read homes.
+    pub fn watched(&self) -> bool {
+        self.watched
+    }
+
+    /// Follows whether `home`'s devices are held (`true`). A device without a home is never held.
+    pub fn held(&self, home: Option<u64>) -> watch::Receiver<bool> {
+        home.and_then(|h| self.holds.get(&h))
+            .unwrap_or(&self.never)
+            .subscribe()
+    }
+
+    /// Asks the watcher to read the homes now (an uplink saw a hint of deactivation).
+    pub fn poke(&self) {
+        self.poke.notify_one();
+    }
+
+    /// Every configured home, by ID.
+    pub fn statuses(&self) -> Vec<HomeStatus> {
+        self.inner
+            .lock()
+            .expect("homes lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn home_ids(&self) -> Vec<u64> {
+        self.inner
+            .lock()
+            .expect("homes lock")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Records the answer of one read of `home` (`Ok(deactivated)`).
+    pub fn record(&self, home: u64, answer: Result<bool, &HomeError>) {
+        let now = now_ms();
+        let mut inner = self.inner.lock().expect("homes lock");
+        let Some(st) = inner.get_mut(&home) else {
+            return;
+        };
+        match answer {
+            Ok(deactivated) => {
+                let new = if deactivated {
+                    HomeState::Deactivated
+                } else {
+                    HomeState::Active
+                };
+                if st.state != new {
+                    match new {
+                        HomeState::Deactivated => tracing::warn!(home, devices = ?st.devices,
+                            "home is DEACTIVATED in MODE: holding its devices' events and kv changes in the outbox (commands still flow)"),
+                        _ if st.state == HomeState::Deactivated => tracing::info!(
+                            home,
+                            "home is active again: sending what was held, in order"
+                        ),
+                        _ => tracing::info!(home, "home is active"),
+                    }
+                    st.state = new;
+                    st.since_ms = now;
+                }
+                if st.stale {
+                    tracing::info!(home, "MODE answers for this home again");
+                }
+                st.stale = false;
+                st.last_error = None;
+                st.last_checked_ms = Some(now);
+            }
+            Err(e) => {
+                if !st.stale {
+                    tracing::warn!(home, error = %e, state = %st.state,
+                        "cannot read the home's state from MODE; keeping the last known state");
+                }
+                st.stale = true;
+                st.last_error = Some(e.to_string());
+            }
+        }
+        let held = st.state == HomeState::Deactivated;
+        if let Some(tx) = self.holds.get(&home) {
+            tx.send_if_modified(|h| {
+                let changed = *h != held;
+                *h = held;
+                changed
+            });
+        }
+    }
+}
+
+/// How soon after a poke the watcher reads again at the earliest (many uplinks may poke at once).
+const POKE_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// Runs the watcher until shutdown. Without a project key it only logs that deactivation
+/// cannot be watched.
+pub async fn run(
+    homes: Arc<Homes>,
+    api_url: String,
+    project_key: Option<Secret>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(key) = project_key else {
+        if !homes.home_ids().is_empty() {
+            tracing::warn!("no cloud.project_key_file: the hub cannot watch whether a home is deactivated (MODE then drops its devices' events silently). A device whose messages MODE refuses is held and retried periodically. Set cloud.project_key_file to a project API key with read permission to watch homes.");
+        }
+        return;
+    };
+    loop {
+        for home in homes.home_ids() {
+            let answer = tokio::select! {
+                a = crate::mode::homes::home_deactivated(&api_url, &key, home) => a,
+                _ = shutdown.changed() => return,
+            };
+            if let Err(e) = &answer {
+                if e.is_auth() {
+                    tracing::error!(home, error = %e, "MODE REFUSED THE PROJECT KEY for this home: check cloud.project_key_file (a project API key of this home's project)");
+                }
+            }
+            homes.record(home, answer.as_ref().map(|d| *d));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = homes.poke.notified() => {
+                tracing::debug!("home watcher poked");
+                tokio::time::sleep(POKE_DEBOUNCE).await;
+            }
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+impl Hub {
+    /// Every configured home: last known state, since when, whether the last read failed.
+    pub fn home_states(&self) -> Vec<HomeStatus> {
+        self.homes().statuses()
+    }
+
+    /// [`Hub::home_states`] with how much each home's devices have waiting in the outbox.
+    pub async fn home_status(&self) -> Vec<HomeReport> {
+        let depth = self.outbox().depth().await.unwrap_or_default();
+        self.home_states()
+            .into_iter()
+            .map(|status| {
+                let (rows, bytes) = status
+                    .devices
+                    .iter()
+                    .filter_map(|d| depth.get(d))
+                    .fold((0, 0), |(r, b), d| (r + d.rows, b + d.bytes));
+                HomeReport {
+                    status,
+                    pending_rows: rows,
+                    pending_bytes: bytes,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keeps_last_known_state() {
+        let homes = Homes::new([(100, Some(42)), (101, Some(43)), (102, None)], true);
+        let mut h42 = homes.held(Some(42));
+        let none = homes.held(None);
+        assert!(!*h42.borrow());
+        assert_eq!(homes.statuses()[0].state, HomeState::Unknown);
+
+        homes.record(42, Ok(true));
+        assert!(h42.has_changed().unwrap());
+        assert!(*h42.borrow_and_update());
+        let err = HomeError::Transport("down".into());
+        homes.record(42, Err(&err));
+        let st = &homes.statuses()[0];
+        assert_eq!(st.state, HomeState::Deactivated);
+        assert!(st.stale && st.held());
+        assert!(*h42.borrow(), "still held while MODE cannot be reached");
+        assert!(!h42.has_changed().unwrap());
+
+        homes.record(42, Ok(false));
+        assert!(!*h42.borrow_and_update());
+        let st = &homes.statuses()[0];
+        assert_eq!(st.state, HomeState::Active);
+        assert!(!st.stale);
+        assert_eq!(st.devices, vec![100]);
+        assert!(!*none.borrow());
+        // Unknown homes are not held.
+        assert!(!*homes.held(Some(43)).borrow());
+    }
+}

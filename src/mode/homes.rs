@@ -1,0 +1,109 @@
+//! MODE's home resource as the project key sees it: `GET /homes/{id}` with
+//! `Authorization: ModeCloud <project key>` answers `{id, projectId, name, creationTime,
+//! deactivated}` (see `mode-api.md` §4; a missing `deactivated` means false). Also the one place
+//! that knows which refusal reasons hint at a deactivated home. This module decides nothing: the
+//! home watcher (`crate::homes`) does.
+
+use crate::config::Secret;
+
+/// Why a home could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// MODE could not be reached or did not answer in time (state unknown).
+    #[error("cannot reach MODE: {0}")]
+    Transport(String),
+    /// MODE answered with an error (bad project key, no such home, outage...).
+    #[error("MODE answered {status} {reason}")]
+    Status { status: u16, reason: String },
+}
+
+impl HomeError {
+    /// The project key itself is refused (retrying will not help until the key is fixed).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            HomeError::Status {
+                status: 401 | 403,
+                ..
+            }
+        )
+    }
+}
+
+/// Reads whether home `home_id` is deactivated.
+pub async fn home_deactivated(
+    api_url: &str,
+    project_key: &Secret,
+    home_id: u64,
+) -> Result<bool, HomeError> {
+    #[derive(serde::Deserialize)]
+    struct Home {
+        #[serde(default)]
+        deactivated: Option<bool>,
+    }
+    let base = api_url.trim_end_matches('/');
+    let resp = super::rest::http_client()
+        .get(format!("{base}/homes/{home_id}"))
+        .header(
+            "Authorization",
+            format!("ModeCloud {}", project_key.expose()),
+        )
+        .send()
+        .await
+        .map_err(|e| HomeError::Transport(e.without_url().to_string()))?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| HomeError::Transport(e.without_url().to_string()))?;
+    if !status.is_success() {
+        return Err(HomeError::Status {
+            status: status.as_u16(),
+            reason: reason_of(status, &body),
+        });
+    }
+    let home: Home = serde_json::from_slice(&body).map_err(|e| HomeError::Status {
+        status: status.as_u16(),
+        reason: format!("not a home object: {e}"),
+    })?;
+    Ok(home.deactivated.unwrap_or(false))
+}
+
+fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct E {
+        reason: Option<String>,
+    }
+    serde_json::from_slice::<E>(body)
+        .ok()
+        .and_then(|e| e.reason)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("UNKNOWN").to_string())
+}
+
+/// Whether a refusal of a device's message may mean its home is deactivated (MODE documents no
+/// code for it): any 403, a `HOME_DEACTIVATED` reason, or a reason the hub does not know.
+pub fn hints_deactivation(status: u16, reason: &str) -> bool {
+    const KNOWN: [&str; 6] = [
+        "INVALID_INPUT",
+        "INVALID_KEY",
+        "KEY_NOT_FOUND",
+        "PAYLOAD_TOO_LARGE",
+        "RATE_LIMIT_EXCEEDED",
+        "SERVICE_UNAVAILABLE",
+    ];
+    status == 403 || reason == "HOME_DEACTIVATED" || !KNOWN.contains(&reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deactivation_hints() {
+        assert!(hints_deactivation(403, "HOME_DEACTIVATED"));
+        assert!(hints_deactivation(403, "PERMISSION_DENIED"));
+        assert!(hints_deactivation(409, "SOMETHING_NEW"));
+        assert!(!hints_deactivation(400, "INVALID_INPUT"));
+        assert!(!hints_deactivation(404, "KEY_NOT_FOUND"));
+    }
+}

@@ -161,6 +161,7 @@ pub struct OpsContext {
     progress: Mutex<Progress>,
     last_errors: Mutex<Vec<Option<LastError>>>,
     shutdown: watch::Receiver<bool>,
+    homes: Arc<crate::homes::Homes>,
 }
 
 impl Hub {
@@ -198,6 +199,7 @@ impl Hub {
             }),
             last_errors: Mutex::new(vec![None; self.registry.len()]),
             shutdown: self.shutdown.subscribe(),
+            homes: self.homes.clone(),
         });
         self.tasks.push(tokio::spawn(ctx.clone().monitor()));
         for (i, rx) in self.sessions.iter().enumerate() {
@@ -374,10 +376,18 @@ impl OpsContext {
         &self.transports[dev]
     }
 
-    /// Seam for the home watcher: the state of a device's home ("active", "deactivated",
-    /// "unknown"). Until the home watcher exists this is always "unknown".
-    pub fn home_state(&self, _device: &Device) -> &'static str {
-        "unknown"
+    /// The state of a device's home from the home watcher: "active", "deactivated",
+    /// "unknown", or "-" for a device configured without a home.
+    pub fn home_state(&self, device: &Device) -> &'static str {
+        let Some(home) = device.home_id else {
+            return "-";
+        };
+        self.homes
+            .statuses()
+            .iter()
+            .find(|h| h.home_id == home)
+            .map(|h| h.state.label())
+            .unwrap_or("unknown")
     }
 
     /// Commands waiting in the outbox for each device (by MODE id) that is away locally.

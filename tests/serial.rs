@@ -427,9 +427,19 @@ async fn commands_and_mirror_changes_come_down_through_the_hub() {
     }
     // Subscribing to kv gets a reload of the (empty) mirror first.
     assert!(pty.line(T).await.unwrap().starts_with("K dev0 reload "));
-    emu.handle()
-        .send_command(device_id(0), "blink", serde_json::json!({"times": 3}))
-        .unwrap();
+    // MODE drops a command that reaches the session before it subscribed: resend until one
+    // was handed to a connection.
+    let h = emu.handle();
+    loop {
+        let before = h.stats().command_deliveries;
+        h.send_command(device_id(0), "blink", serde_json::json!({"times": 3}))
+            .unwrap();
+        if h.stats().command_deliveries > before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never took commands");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // MODE's own reload (sent when the upstream session subscribed) may come through first.
     loop {
         let l = pty.line(T).await.expect("a line");

@@ -134,6 +134,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if matches!(
+        cli.cmd,
+        Cmd::CheckConfig { .. } | Cmd::Status { .. } | Cmd::Outbox { .. }
+    ) {
+        // Report commands end quietly when their reader goes away (`| head`), like other
+        // Unix tools, instead of failing on a closed pipe. The hub itself keeps ignoring SIGPIPE.
+        // SAFETY: setting a disposition is process-wide and async-signal-safe; nothing in these
+        // commands relies on SIGPIPE being ignored.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let result = match cli.cmd {
         Cmd::CheckConfig { config } => return check_config(&config),
         Cmd::Status { json, ops, config } => return status(json, ops, config),

@@ -758,7 +758,7 @@ async fn run_modehub(
     std::fs::create_dir_all(&dir)?;
     let local = free_port()?;
     let mut cfg = format!(
-        "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n",
+        "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n# Rate limits off (issue 7): MODE's pacing would cap a device at 9 msg/s.\nmax_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000\n",
         dir.join("data").display(),
         devices + 64,
         emu.http_addr(),

@@ -153,6 +153,10 @@ pub struct HubConfig {
     pub max_payload_bytes: usize,
     /// `RUST_LOG`-style log filter, used when `RUST_LOG` is not set.
     pub log: String,
+    /// Take the system clock as correct even when the kernel does not say it is synchronised
+    /// (a board with a battery-backed RTC, a container whose host keeps time). Default false:
+    /// capture times wait for synchronisation and are repaired then.
+    pub trust_clock: bool,
     /// Commands waiting for a device that is away, per device (oldest dropped first).
     pub max_pending_commands: usize,
     /// A waiting command older than this is dropped, never delivered late.
@@ -185,6 +189,7 @@ impl Default for HubConfig {
             data_dir: PathBuf::from("/var/lib/modehub"),
             max_payload_bytes: 64 * 1024,
             log: "info".into(),
+            trust_clock: false,
             max_pending_commands: 100,
             command_ttl_secs: 600,
             kv_max_key_len: 128,
@@ -457,6 +462,7 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "data_dir",
             "max_payload_bytes",
             "log",
+            "trust_clock",
             "max_pending_commands",
             "command_ttl_secs",
             "kv_max_key_len",

@@ -101,7 +101,7 @@ impl Hub {
         let (capture_clock, clock_watch) = match opts.clock {
             Some(c) => (c, None),
             None => {
-                let w = clock::ClockWatch::system();
+                let w = clock::ClockWatch::system(cfg.hub.trust_clock);
                 tasks.push(tokio::spawn(
                     w.clone().run(outbox.clone(), shutdown_rx.clone()),
                 ));

@@ -59,7 +59,7 @@ pub async fn home_deactivated(
     if !status.is_success() {
         return Err(HomeError::Status {
             status: status.as_u16(),
-            reason: reason_of(status, &body),
+            reason: super::rest::reason_of(status, &body),
         });
     }
     let home: Home = serde_json::from_slice(&body).map_err(|e| HomeError::Status {
@@ -67,17 +67,6 @@ pub async fn home_deactivated(
         reason: format!("not a home object: {e}"),
     })?;
     Ok(home.deactivated.unwrap_or(false))
-}
-
-fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct E {
-        reason: Option<String>,
-    }
-    serde_json::from_slice::<E>(body)
-        .ok()
-        .and_then(|e| e.reason)
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("UNKNOWN").to_string())
 }
 
 /// Whether a refusal of a device's message may mean its home is deactivated (MODE documents no

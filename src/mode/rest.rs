@@ -54,7 +54,7 @@ fn auth(key: &Secret) -> String {
 }
 
 /// The `reason` of a MODE error body, or the status text.
-fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
+pub(crate) fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct E {
         reason: Option<String>,

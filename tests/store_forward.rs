@@ -63,25 +63,17 @@ fn home_state(hub: &Hub, home: u64) -> HomeState {
         .unwrap()
 }
 
-/// The first occurrence of each `n`, in arrival order, and how many arrivals were repeats.
-fn dedup(ns: &[u64]) -> (Vec<u64>, usize) {
-    let mut seen = std::collections::HashSet::new();
-    let firsts: Vec<u64> = ns.iter().copied().filter(|n| seen.insert(*n)).collect();
-    let dups = ns.len() - firsts.len();
-    (firsts, dups)
-}
-
 async fn wait_distinct(emu: &modehub::emulator::EmulatorHandle, dev: u64, n: usize) -> Vec<u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let got = ns(&emu.events(dev));
-        if dedup(&got).0.len() >= n {
+        if first_arrivals(&got).0.len() >= n {
             return got;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "device {dev}: {} of {n} distinct events arrived",
-            dedup(&got).0.len()
+            first_arrivals(&got).0.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -300,7 +292,7 @@ async fn refused_connections_dropped_sessions_and_delays_lose_nothing() {
     let d0 = wait_distinct(&h, device_id(0), 60).await;
     let d1 = wait_distinct(&h, device_id(1), 40).await;
     for (got, n, dev) in [(d0, 60u64, 0), (d1, 40, 1)] {
-        let (firsts, dups) = dedup(&got);
+        let (firsts, dups) = first_arrivals(&got);
         assert_eq!(
             firsts,
             (0..n).collect::<Vec<_>>(),

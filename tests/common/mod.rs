@@ -185,6 +185,40 @@ pub fn ns(events: &[RecordedEvent]) -> Vec<u64> {
         .collect()
 }
 
+/// Waits (up to 30 s) until `n` *distinct* events of `dev` arrived and returns all recorded
+/// ones, duplicates included. Delivery is at-least-once, so a resend after a cut must not
+/// count towards `n`: an event is told apart by its `n` field, events without one all count.
 pub async fn wait_events(h: &EmulatorHandle, dev: u64, n: usize) -> Vec<RecordedEvent> {
-    h.wait_for_events(dev, n, Duration::from_secs(30)).await
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut want = n;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let evs = h.wait_for_events(dev, want, remaining).await;
+        let distinct = distinct_events(&evs);
+        if distinct >= n || tokio::time::Instant::now() >= deadline {
+            return evs;
+        }
+        // Each duplicate seen so far needs one more arrival.
+        want = evs.len() + (n - distinct);
+    }
+}
+
+/// The first occurrence of each `n`, in arrival order, and how many arrivals were repeats.
+/// At-least-once delivery may repeat an event after a cut; it must never reorder firsts.
+pub fn first_arrivals(ns: &[u64]) -> (Vec<u64>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let firsts: Vec<u64> = ns.iter().copied().filter(|n| seen.insert(*n)).collect();
+    let dups = ns.len() - firsts.len();
+    (firsts, dups)
+}
+
+fn distinct_events(events: &[RecordedEvent]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    events
+        .iter()
+        .filter(|e| match e.event_data.get("n").and_then(|v| v.as_u64()) {
+            Some(n) => seen.insert(n),
+            None => true,
+        })
+        .count()
 }

@@ -170,11 +170,15 @@ pub fn with_checksum(line: &str) -> String {
     String::from_utf8(v).unwrap_or_default()
 }
 
-/// Splits a trailing `*XX` off: `(body, Some(xx))`, or `(line, None)` without one.
+/// Splits a trailing `*XX` off: `(body, Some(xx))`, or `(line, None)` without one. An escaped
+/// `\*` (an odd number of backslashes before it) is text, not a checksum.
 fn split_checksum(line: &[u8]) -> (&[u8], Option<u8>) {
     if let [body @ .., b'*', h, l] = line {
-        if let (Some(h), Some(l)) = (hex_val(*h), hex_val(*l)) {
-            return (body, Some(h << 4 | l));
+        let backslashes = body.iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 0 {
+            if let (Some(h), Some(l)) = (hex_val(*h), hex_val(*l)) {
+                return (body, Some(h << 4 | l));
+            }
         }
     }
     (line, None)
@@ -1183,6 +1187,18 @@ mod tests {
         );
         let l = up(r#"{"action":"delete","key":"k"}"#);
         assert_eq!(l.msg, Up::KvDelete { key: "k".into() });
+    }
+
+    #[test]
+    fn an_escaped_star_before_two_hex_digits_is_text() {
+        let l = parse_up(br"K delete \*a0", false).unwrap().unwrap();
+        assert!(!l.checksummed);
+        assert_eq!(l.msg, Up::KvDelete { key: "*a0".into() });
+        // An escaped backslash before the star leaves the star a checksum mark.
+        let line = with_checksum(r"K delete k\\");
+        let l = parse_up(line.as_bytes(), true).unwrap().unwrap();
+        assert!(l.checksummed);
+        assert_eq!(l.msg, Up::KvDelete { key: "k\\".into() });
     }
 
     #[test]

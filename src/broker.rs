@@ -16,7 +16,7 @@
 use crate::config::LocalMqttConfig;
 use crate::downlink::{next_conn_id, LocalEvent};
 use crate::metrics::{Metrics, RejectReason};
-use crate::registry::{DeviceId, Registry, TopicKind};
+use crate::registry::{DeviceId, Registry, SharedRegistry, TopicKind};
 use crate::router::Router;
 use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
@@ -62,7 +62,7 @@ const PACKET_OVERHEAD: usize = 64 * 1024;
 const MAX_PENDING_ACKS: usize = 256;
 
 struct Front {
-    registry: Arc<Registry>,
+    registry: Arc<SharedRegistry>,
     router: Router,
     metrics: Arc<Metrics>,
     internal: SocketAddr,
@@ -170,7 +170,7 @@ impl LocalBroker {
     pub async fn start(
         cfg: &LocalMqttConfig,
         max_payload: usize,
-        registry: Arc<Registry>,
+        registry: Arc<SharedRegistry>,
         router: Router,
         metrics: Arc<Metrics>,
         events: mpsc::Sender<LocalEvent>,
@@ -309,10 +309,12 @@ impl Front {
             Ok(None) => return Err("closed before CONNECT".into()),
             Err(_) => return Err("no CONNECT within 10 s".into()),
         };
-        let Some(dev) = connect.login.as_ref().and_then(|l| {
-            self.registry
-                .authenticate(&l.username, l.password.as_bytes())
-        }) else {
+        let registry = self.registry.load();
+        let Some(dev) = connect
+            .login
+            .as_ref()
+            .and_then(|l| registry.authenticate(&l.username, l.password.as_bytes()))
+        else {
             self.metrics.reject(RejectReason::AuthFailed);
             let user = connect
                 .login
@@ -329,7 +331,7 @@ impl Front {
             return Err("authentication failed".into());
         };
         if let Some(will) = &connect.last_will {
-            if !self.registry.owns_topic(dev, &will.topic) {
+            if !registry.owns_topic(dev, &will.topic) {
                 self.metrics.reject(RejectReason::NotOwnTopic);
                 let _ = client
                     .send(Packet::ConnAck(ConnAck::new(
@@ -340,8 +342,10 @@ impl Front {
                 return Err("will topic outside the device's own topics".into());
             }
         }
-        let name = self.registry.get(dev).name.clone();
-        let mut broker = self.open_internal(dev, &connect).await?;
+        let name = registry.get(dev).name.clone();
+        let mut broker = self
+            .open_internal(registry.get(dev).mode_id, &connect)
+            .await?;
         let ack = match tokio::time::timeout(Duration::from_secs(5), broker.next()).await {
             Ok(Some(Ok(Packet::ConnAck(a)))) => a,
             _ => {
@@ -362,7 +366,9 @@ impl Front {
         tracing::info!(device = %name, %peer, "local device connected");
         let conn = next_conn_id();
         let _ = self.events.send(LocalEvent::Connected(dev, conn)).await;
-        let r = self.relay(dev, conn, &mut client, &mut broker).await;
+        let r = self
+            .relay(dev, conn, registry, &mut client, &mut broker)
+            .await;
         tracing::info!(device = %name, %peer, reason = %r.as_ref().err().map(String::as_str).unwrap_or("disconnect"), "local device disconnected");
         let _ = self.events.send(LocalEvent::Disconnected(dev, conn)).await;
         r
@@ -370,7 +376,7 @@ impl Front {
 
     async fn open_internal(
         &self,
-        dev: DeviceId,
+        mode_id: u64,
         connect: &Connect,
     ) -> Result<Framed<TcpStream, Codec>, String> {
         let stream = TcpStream::connect(self.internal)
@@ -379,7 +385,7 @@ impl Front {
         let _ = stream.set_nodelay(true);
         let mut broker = Framed::new(stream, self.codec());
         let n = self.conn_seq.fetch_add(1, Relaxed);
-        let mut inner = Connect::new(format!("{}-{n}", self.registry.get(dev).mode_id));
+        let mut inner = Connect::new(format!("{mode_id}-{n}"));
         inner.keep_alive = connect.keep_alive;
         inner.clean_session = true;
         inner.last_will = connect.last_will.clone();
@@ -391,13 +397,22 @@ impl Front {
         Ok(broker)
     }
 
+    /// Relays one authenticated connection until it ends. `registry` is the table it logged in
+    /// under; a reload that removes or changes the device closes the connection (after the
+    /// PUBACKs of what was committed), so it logs in again under the new settings or not at all.
     async fn relay(
         &self,
         dev: DeviceId,
         conn: u64,
+        mut registry: Arc<Registry>,
         client: &mut Framed<TcpStream, Codec>,
         broker: &mut Framed<TcpStream, Codec>,
     ) -> Result<(), String> {
+        let mut reloads = self.registry.changed();
+        reloads.mark_unchanged();
+        if !self.registry.load().is_live(dev) {
+            return Err("device removed or changed by a config reload".into());
+        }
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         // SUBSCRIBE packet id -> per filter: Some(kind) if relayed, None if refused here.
         let mut pending_subs: HashMap<u16, Vec<Option<TopicKind>>> = HashMap::new();
@@ -412,7 +427,7 @@ impl Front {
                         Some(Err(e)) => {
                             if matches!(e, rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)) {
                                 self.metrics.reject(RejectReason::TooLarge);
-                                tracing::warn!(device = %self.registry.get(dev).name, "device sent an MQTT packet far over hub.max_payload_bytes; disconnecting it");
+                                tracing::warn!(device = %registry.get(dev).name, "device sent an MQTT packet far over hub.max_payload_bytes; disconnecting it");
                             }
                             // What was committed before the bad packet still gets its PUBACK.
                             flush_acks(&mut acks, client).await;
@@ -421,8 +436,8 @@ impl Front {
                         Some(Ok(p)) => p,
                     };
                     match pkt {
-                        Packet::Publish(p) => self.publish(dev, p, &mut acks, broker).await?,
-                        Packet::Subscribe(s) => self.subscribe(dev, s, &mut pending_subs, client, broker).await?,
+                        Packet::Publish(p) => self.publish(&registry, dev, p, &mut acks, broker).await?,
+                        Packet::Subscribe(s) => self.subscribe(&registry, dev, s, &mut pending_subs, client, broker).await?,
                         Packet::Disconnect => {
                             // Let queued commits finish so their PUBACKs are not lost.
                             flush_acks(&mut acks, client).await;
@@ -449,6 +464,14 @@ impl Front {
                     }
                     client.flush().await.map_err(|e| e.to_string())?;
                 }
+                Ok(()) = reloads.changed() => {
+                    registry = self.registry.load();
+                    if !registry.is_live(dev) {
+                        flush_acks(&mut acks, client).await;
+                        let _ = broker.send(Packet::Disconnect).await;
+                        return Err("device removed or changed by a config reload".into());
+                    }
+                }
                 pkt = broker.next() => {
                     let pkt = match pkt {
                         None => return Err("embedded broker closed the relay".into()),
@@ -473,6 +496,7 @@ impl Front {
 
     async fn publish(
         &self,
+        registry: &Registry,
         dev: DeviceId,
         p: rumqttc::mqttbytes::v4::Publish,
         acks: &mut FuturesOrdered<AckFuture>,
@@ -481,13 +505,12 @@ impl Front {
         if p.qos == QoS::ExactlyOnce {
             return Err("QoS 2 is not supported (MODE allows QoS 0 and 1)".into());
         }
-        if !self.registry.owns_topic(dev, &p.topic) {
+        if !registry.owns_topic(dev, &p.topic) {
             self.metrics.reject(RejectReason::NotOwnTopic);
-            tracing::warn!(device = %self.registry.get(dev).name, topic = %p.topic, "device published outside its own topics; disconnecting it");
+            tracing::warn!(device = %registry.get(dev).name, topic = %p.topic, "device published outside its own topics; disconnecting it");
             return Err(format!("publish to {} is not allowed", p.topic));
         }
-        let kind = self
-            .registry
+        let kind = registry
             .parse_topic(&p.topic)
             .map(|(_, _, k)| k)
             .unwrap_or(TopicKind::Other);
@@ -526,6 +549,7 @@ impl Front {
 
     async fn subscribe(
         &self,
+        registry: &Registry,
         dev: DeviceId,
         s: Subscribe,
         pending: &mut HashMap<u16, Vec<Option<TopicKind>>>,
@@ -535,9 +559,8 @@ impl Front {
         let mut mask = Vec::with_capacity(s.filters.len());
         let mut allowed = Vec::new();
         for f in &s.filters {
-            if self.registry.owns_topic(dev, &f.path) {
-                let kind = self
-                    .registry
+            if registry.owns_topic(dev, &f.path) {
+                let kind = registry
                     .parse_topic(&f.path)
                     .map(|(_, _, k)| k)
                     .unwrap_or(TopicKind::Other);
@@ -545,7 +568,7 @@ impl Front {
                 allowed.push(f.clone());
             } else {
                 self.metrics.reject(RejectReason::NotOwnTopic);
-                tracing::warn!(device = %self.registry.get(dev).name, filter = %f.path, "refused a subscription outside the device's own topics");
+                tracing::warn!(device = %registry.get(dev).name, filter = %f.path, "refused a subscription outside the device's own topics");
                 mask.push(None);
             }
         }

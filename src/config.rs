@@ -97,7 +97,7 @@ pub enum LineFormat {
 }
 
 /// One serial port carrying one or more devices (`[[serial]]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     /// Device path; stable `/dev/serial/by-id/...` paths recommended.

@@ -10,12 +10,12 @@
 use crate::broker::LocalBroker;
 use crate::metrics::Metrics;
 use crate::outbox::{KvChange, Outbox};
-use crate::registry::{DeviceId, Registry, TopicKind};
+use crate::registry::{DeviceId, SharedRegistry, TopicKind};
 use crate::uplink::Downstream;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -64,6 +64,10 @@ pub enum Adapter {
     Serial(mpsc::Sender<DownMsg>),
 }
 
+/// Per device slot (by `DeviceId`), where its messages go; the hub updates it on a reload
+/// (a slot not listed goes to the MQTT broker).
+pub type Adapters = Arc<RwLock<Vec<Adapter>>>;
+
 /// Settings of the way down.
 #[derive(Debug, Clone)]
 pub struct DownlinkConfig {
@@ -100,12 +104,11 @@ fn now_ms() -> i64 {
 }
 
 pub struct Downlink {
-    pub registry: Arc<Registry>,
+    pub registry: Arc<SharedRegistry>,
     pub broker: LocalBroker,
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
-    /// Per device (by `DeviceId`), where its messages go.
-    pub adapters: Vec<Adapter>,
+    pub adapters: Adapters,
     pub cfg: DownlinkConfig,
 }
 
@@ -117,9 +120,8 @@ impl Downlink {
         mut down: mpsc::Receiver<Downstream>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut presence: Vec<Presence> = (0..self.registry.len())
-            .map(|_| Presence::default())
-            .collect();
+        // Grows when a reload adds device slots.
+        let mut presence: Vec<Presence> = Vec::new();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -143,7 +145,15 @@ impl Downlink {
         }
     }
 
-    async fn local_event(&self, presence: &mut [Presence], ev: LocalEvent) {
+    async fn local_event(&self, presence: &mut Vec<Presence>, ev: LocalEvent) {
+        let dev = match ev {
+            LocalEvent::Connected(d, _)
+            | LocalEvent::Disconnected(d, _)
+            | LocalEvent::Subscribed(d, _, _) => d,
+        };
+        if presence.len() <= dev {
+            presence.resize_with(dev + 1, Presence::default);
+        }
         match ev {
             LocalEvent::Connected(dev, conn) => {
                 presence[dev].conns.entry(conn).or_default();
@@ -165,13 +175,15 @@ impl Downlink {
 
     /// Hands a message to the device's adapter.
     fn hand_over(&self, dev: DeviceId, kind: DownKind, payload: Bytes) -> Result<(), String> {
-        match &self.adapters[dev] {
+        let adapters = self.adapters.read().expect("adapters lock");
+        match adapters.get(dev).unwrap_or(&Adapter::Mqtt) {
             Adapter::Mqtt => {
                 let sub = match kind {
                     DownKind::Command => "command",
                     DownKind::Kv => "kv",
                 };
-                self.broker.deliver(&self.registry, dev, sub, payload)
+                self.broker
+                    .deliver(&self.registry.load(), dev, sub, payload)
             }
             Adapter::Serial(tx) => {
                 if crate::serial::offer(tx, DownMsg { dev, kind, payload }, &self.metrics.serial) {
@@ -184,9 +196,10 @@ impl Downlink {
     }
 
     async fn command(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let d = self.registry.get(dev);
+        let registry = self.registry.load();
+        let d = registry.get(dev);
         let m = &self.metrics.down;
-        if presence[dev].commands() {
+        if presence.get(dev).is_some_and(Presence::commands) {
             match self.hand_over(dev, DownKind::Command, payload) {
                 Ok(()) => {
                     m.commands_delivered.fetch_add(1, Relaxed);
@@ -228,7 +241,8 @@ impl Downlink {
 
     /// Delivers, in order, what waited for `dev`; expired ones are counted, never delivered.
     async fn flush_commands(&self, dev: DeviceId) {
-        let d = self.registry.get(dev);
+        let registry = self.registry.load();
+        let d = registry.get(dev);
         let m = &self.metrics.down;
         let taken = match self.outbox.take_commands(d.mode_id, now_ms()).await {
             Ok(t) => t,
@@ -263,7 +277,8 @@ impl Downlink {
                     self.metrics.down.commands_expired.fetch_add(n, Relaxed);
                     let name = self
                         .registry
-                        .lookup(&mode_id.to_string())
+                        .load()
+                        .by_mode_id(mode_id)
                         .map(|d| d.name.clone())
                         .unwrap_or_else(|| mode_id.to_string());
                     tracing::warn!(device = %name, expired = n, ttl = ?self.cfg.command_ttl,
@@ -276,7 +291,8 @@ impl Downlink {
 
     /// Sends the device its whole store (mirror + local changes not yet acknowledged by MODE).
     async fn serve_reload(&self, dev: DeviceId) {
-        let d = self.registry.get(dev);
+        let registry = self.registry.load();
+        let d = registry.get(dev);
         match self.outbox.kv_snapshot(d.mode_id).await {
             Ok(snap) => {
                 let msg = crate::mode::kv_reload_message(&snap);
@@ -294,7 +310,8 @@ impl Downlink {
     }
 
     async fn kv(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let d = self.registry.get(dev);
+        let registry = self.registry.load();
+        let d = registry.get(dev);
         let m = &self.metrics.down;
         let change = match crate::mode::parse_kv(&payload) {
             Ok(c) => c,
@@ -308,7 +325,7 @@ impl Downlink {
         match self.outbox.kv_apply(d.mode_id, change).await {
             Ok(true) => {
                 m.kv_applied.fetch_add(1, Relaxed);
-                if !presence[dev].kv() {
+                if !presence.get(dev).is_some_and(Presence::kv) {
                     return; // it gets a reload from the mirror when it subscribes
                 }
                 if is_reload {

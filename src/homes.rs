@@ -85,7 +85,9 @@ pub struct HomeReport {
 pub struct Homes {
     watched: bool,
     inner: Mutex<BTreeMap<u64, HomeStatus>>,
-    holds: HashMap<u64, watch::Sender<bool>>,
+    /// One per home ever configured (a reload may add homes; a sender is never dropped, so
+    /// an uplink's hold receiver stays valid).
+    holds: Mutex<HashMap<u64, watch::Sender<bool>>>,
     /// For devices without a (known) home: never held.
     never: watch::Sender<bool>,
     poke: Notify,
@@ -102,36 +104,57 @@ impl Homes {
     /// `devices`: (MODE device ID, home ID) of every configured device. `watched`: whether a
     /// project key lets the watcher read homes.
     pub fn new(devices: impl IntoIterator<Item = (u64, Option<u64>)>, watched: bool) -> Arc<Homes> {
-        let start = now_ms();
-        let mut inner: BTreeMap<u64, HomeStatus> = BTreeMap::new();
-        for (dev, home) in devices {
-            if let Some(h) = home {
-                inner
-                    .entry(h)
-                    .or_insert_with(|| HomeStatus {
-                        home_id: h,
-                        state: HomeState::Unknown,
-                        since_ms: start,
-                        stale: false,
-                        last_error: None,
-                        last_checked_ms: None,
-                        devices: Vec::new(),
-                    })
-                    .devices
-                    .push(dev);
-            }
-        }
-        let holds = inner
-            .keys()
-            .map(|h| (*h, watch::channel(false).0))
-            .collect();
-        Arc::new(Homes {
+        let homes = Arc::new(Homes {
             watched,
-            inner: Mutex::new(inner),
-            holds,
+            inner: Mutex::new(BTreeMap::new()),
+            holds: Mutex::new(HashMap::new()),
             never: watch::channel(false).0,
             poke: Notify::new(),
-        })
+        });
+        homes.set_devices(devices);
+        homes
+    }
+
+    /// Puts a new device list in force (a config reload). Homes that keep devices keep their
+    /// state; new homes start unknown and are read at once; homes left without devices are
+    /// no longer watched.
+    pub fn set_devices(&self, devices: impl IntoIterator<Item = (u64, Option<u64>)>) {
+        let start = now_ms();
+        let mut added = false;
+        {
+            let mut inner = self.inner.lock().expect("homes lock");
+            for st in inner.values_mut() {
+                st.devices.clear();
+            }
+            for (dev, home) in devices {
+                if let Some(h) = home {
+                    inner
+                        .entry(h)
+                        .or_insert_with(|| {
+                            added = true;
+                            HomeStatus {
+                                home_id: h,
+                                state: HomeState::Unknown,
+                                since_ms: start,
+                                stale: false,
+                                last_error: None,
+                                last_checked_ms: None,
+                                devices: Vec::new(),
+                            }
+                        })
+                        .devices
+                        .push(dev);
+                }
+            }
+            inner.retain(|_, st| !st.devices.is_empty());
+            let mut holds = self.holds.lock().expect("homes lock");
+            for h in inner.keys() {
+                holds.entry(*h).or_insert_with(|| watch::channel(false).0);
+            }
+        }
+        if added {
+            self.poke();
+        }
     }
 
     /// Whether a project key lets the hub read homes.
@@ -141,7 +164,8 @@ impl Homes {
 
     /// Follows whether `home`'s devices are held (`true`). A device without a home is never held.
     pub fn held(&self, home: Option<u64>) -> watch::Receiver<bool> {
-        home.and_then(|h| self.holds.get(&h))
+        let holds = self.holds.lock().expect("homes lock");
+        home.and_then(|h| holds.get(&h))
             .unwrap_or(&self.never)
             .subscribe()
     }
@@ -214,7 +238,7 @@ impl Homes {
             }
         }
         let held = st.state == HomeState::Deactivated;
-        if let Some(tx) = self.holds.get(&home) {
+        if let Some(tx) = self.holds.lock().expect("homes lock").get(&home) {
             tx.send_if_modified(|h| {
                 let changed = *h != held;
                 *h = held;

@@ -25,32 +25,177 @@ pub mod router;
 pub mod serial;
 pub mod uplink;
 
-use crate::broker::LocalBroker;
-use crate::config::Config;
+use crate::config::{Config, SerialConfig};
 use crate::metrics::Metrics;
 use crate::mode::SessionConfig;
 use crate::outbox::{Notifier, Outbox, OutboxOptions};
-use crate::registry::Registry;
+use crate::registry::{DeviceId, Registry, SharedRegistry};
 use crate::router::{Clock, Router};
 use crate::uplink::{DeviceUplink, SessionState, UplinkStatus};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+/// What ops and the `Hub` accessors read per device slot (index = [`DeviceId`]); replaced
+/// whole on a reload. Retired slots keep their entries so indexes stay valid.
+pub struct DeviceView {
+    pub registry: Arc<Registry>,
+    pub sessions: Vec<watch::Receiver<SessionState>>,
+    pub uplinks: Vec<Arc<UplinkStatus>>,
+    /// "mqtt" or "serial <port>".
+    pub transports: Vec<String>,
+}
+
+/// Shared, swappable [`DeviceView`].
+pub type SharedView = Arc<RwLock<Arc<DeviceView>>>;
+
+/// A running task with its own stop switch (a device's uplink, a serial port).
+struct Stoppable {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Stoppable {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
+    }
+}
+
+/// A running serial port and the device slots it serves.
+struct RunningPort {
+    cfg: SerialConfig,
+    devices: Vec<DeviceId>,
+    tx: mpsc::Sender<downlink::DownMsg>,
+    run: Stoppable,
+}
+
+/// What uplink tasks are made of; kept to start new devices' uplinks on a reload.
+struct UplinkParts {
+    outbox: Outbox,
+    session: SessionConfig,
+    notifies: Arc<RwLock<HashMap<u64, Arc<Notify>>>>,
+    downstream: mpsc::Sender<uplink::Downstream>,
+    metrics: Arc<Metrics>,
+    pacer: Arc<pacing::Pacer>,
+    homes: Arc<homes::Homes>,
+    per_device_rate: u32,
+    refusal_retry: Duration,
+}
+
+impl UplinkParts {
+    /// Starts `d`'s uplink; returns its session state, status and stop switch.
+    fn spawn(
+        &self,
+        d: &registry::Device,
+    ) -> (watch::Receiver<SessionState>, Arc<UplinkStatus>, Stoppable) {
+        let (state, state_rx) = watch::channel(SessionState::Connecting);
+        let pace = pacing::DevicePacer::new(self.per_device_rate);
+        let status = DeviceUplink::new_status(d, &pace);
+        let notify = self
+            .notifies
+            .write()
+            .expect("notify lock")
+            .entry(d.mode_id)
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone();
+        let (stop, stop_rx) = watch::channel(false);
+        let up = DeviceUplink {
+            device: d.clone(),
+            outbox: self.outbox.clone(),
+            session: self.session.clone(),
+            notify,
+            downstream: self.downstream.clone(),
+            metrics: self.metrics.clone(),
+            state,
+            shutdown: stop_rx,
+            pacer: self.pacer.clone(),
+            pace,
+            homes: self.homes.clone(),
+            refusal_retry: self.refusal_retry,
+            status: status.clone(),
+        };
+        let task = tokio::spawn(up.run());
+        (state_rx, status, Stoppable { stop, task })
+    }
+}
+
+/// What serial port tasks share; kept to (re)start ports on a reload.
+struct SerialParts {
+    router: Router,
+    metrics: Arc<Metrics>,
+    events: mpsc::Sender<downlink::LocalEvent>,
+}
+
+impl SerialParts {
+    fn spawn(&self, cfg: &SerialConfig, registry: &Arc<Registry>) -> RunningPort {
+        let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
+        let devices: Vec<DeviceId> = cfg
+            .devices
+            .iter()
+            .filter_map(|n| registry.lookup(n).map(|d| d.id))
+            .collect();
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(serial::run_port(serial::PortContext {
+            cfg: cfg.clone(),
+            devices: devices.clone(),
+            registry: registry.clone(),
+            router: self.router.clone(),
+            metrics: self.metrics.clone(),
+            events: self.events.clone(),
+            down: rx,
+            shutdown: stop_rx,
+        }));
+        RunningPort {
+            cfg: cfg.clone(),
+            devices,
+            tx,
+            run: Stoppable { stop, task },
+        }
+    }
+}
+
+/// What a reload changed, in words for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Devices whose MODE ID, home or credentials changed (their sessions restarted).
+    pub changed: Vec<String>,
+    /// Serial ports started, stopped or restarted.
+    pub ports: Vec<String>,
+}
+
+impl ReloadReport {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.ports.is_empty()
+    }
+}
 
 /// A running hub.
 pub struct Hub {
     local_addr: SocketAddr,
     metrics: Arc<Metrics>,
     outbox: Outbox,
-    registry: Arc<Registry>,
-    sessions: Vec<watch::Receiver<SessionState>>,
+    registry: Arc<SharedRegistry>,
+    view: SharedView,
     homes: Arc<homes::Homes>,
     pacer: Arc<pacing::Pacer>,
-    uplinks: Vec<Arc<UplinkStatus>>,
     clock: Option<Arc<clock::ClockWatch>>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Per slot: the device's uplink (`None` once retired).
+    uplinks: Vec<Option<Stoppable>>,
+    ports: Vec<RunningPort>,
+    adapters: downlink::Adapters,
+    uplink_parts: UplinkParts,
+    serial_parts: SerialParts,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
     /// Which devices are connected locally, and since when the hub runs (read by `ops`).
     presence: Arc<ops::Presence>,
@@ -65,6 +210,30 @@ pub struct StartOptions {
     pub clock: Option<Clock>,
 }
 
+/// "mqtt" or "serial <port>" for each slot of `registry`.
+fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
+    (0..registry.len())
+        .map(|id| {
+            ports
+                .iter()
+                .find(|p| p.devices.contains(&id))
+                .map(|p| format!("serial {}", p.cfg.port.display()))
+                .unwrap_or_else(|| "mqtt".to_string())
+        })
+        .collect()
+}
+
+/// Where each slot's downstream messages go, given the running ports.
+fn adapter_table(registry: &Registry, ports: &[RunningPort]) -> Vec<downlink::Adapter> {
+    let mut table = vec![downlink::Adapter::Mqtt; registry.len()];
+    for p in ports {
+        for &d in &p.devices {
+            table[d] = downlink::Adapter::Serial(p.tx.clone());
+        }
+    }
+    table
+}
+
 impl Hub {
     /// Opens the outbox, starts the local broker and one uplink per device.
     pub async fn start(cfg: Config) -> anyhow::Result<Hub> {
@@ -72,17 +241,18 @@ impl Hub {
     }
 
     pub async fn start_with(cfg: Config, opts: StartOptions) -> anyhow::Result<Hub> {
-        let registry = Arc::new(Registry::from_config(&cfg));
+        let shared = SharedRegistry::new(Registry::from_config(&cfg));
+        let registry = shared.load();
         let metrics = Arc::new(Metrics::default());
-        let notifies: Arc<HashMap<u64, Arc<Notify>>> = Arc::new(
+        let notifies: Arc<RwLock<HashMap<u64, Arc<Notify>>>> = Arc::new(RwLock::new(
             registry
                 .iter()
                 .map(|d| (d.mode_id, Arc::new(Notify::new())))
                 .collect(),
-        );
+        ));
         let n = notifies.clone();
         let notifier: Notifier = Arc::new(move |dev| {
-            if let Some(x) = n.get(&dev) {
+            if let Some(x) = n.read().expect("notify lock").get(&dev) {
                 x.notify_one();
             }
         });
@@ -109,7 +279,7 @@ impl Hub {
             }
         };
         let router = Router::new(
-            registry.clone(),
+            shared.clone(),
             outbox.clone(),
             metrics.clone(),
             cfg.hub.max_payload_bytes,
@@ -122,33 +292,21 @@ impl Hub {
         let local_rx = presence.clone().tap(local_rx);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
         // downlink fills without waiting.
-        let mut adapters = vec![downlink::Adapter::Mqtt; registry.len()];
-        let mut serial_tasks = Vec::new();
-        for s in &cfg.serial {
-            let (tx, rx) = mpsc::channel(s.write_queue.max(1));
-            let devices: Vec<_> = s
-                .devices
-                .iter()
-                .filter_map(|n| registry.lookup(n).map(|d| d.id))
-                .collect();
-            for &d in &devices {
-                adapters[d] = downlink::Adapter::Serial(tx.clone());
-            }
-            serial_tasks.push(tokio::spawn(serial::run_port(serial::PortContext {
-                cfg: s.clone(),
-                devices,
-                registry: registry.clone(),
-                router: router.clone(),
-                metrics: metrics.clone(),
-                events: local_tx.clone(),
-                down: rx,
-                shutdown: shutdown_rx.clone(),
-            })));
-        }
-        let broker = LocalBroker::start(
+        let serial_parts = SerialParts {
+            router: router.clone(),
+            metrics: metrics.clone(),
+            events: local_tx.clone(),
+        };
+        let ports: Vec<RunningPort> = cfg
+            .serial
+            .iter()
+            .map(|s| serial_parts.spawn(s, &registry))
+            .collect();
+        let adapters: downlink::Adapters = Arc::new(RwLock::new(adapter_table(&registry, &ports)));
+        let broker = broker::LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
-            registry.clone(),
+            shared.clone(),
             router,
             metrics.clone(),
             local_tx,
@@ -157,16 +315,15 @@ impl Hub {
         .await?;
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
-        tasks.extend(serial_tasks);
         let down = downlink::Downlink {
-            registry: registry.clone(),
+            registry: shared.clone(),
             broker,
             outbox: outbox.clone(),
             metrics: metrics.clone(),
-            adapters,
+            adapters: adapters.clone(),
             cfg: downlink::DownlinkConfig {
                 max_pending_commands: cfg.hub.max_pending_commands,
-                command_ttl: std::time::Duration::from_secs(cfg.hub.command_ttl_secs),
+                command_ttl: Duration::from_secs(cfg.hub.command_ttl_secs),
             },
         };
         tasks.push(tokio::spawn(down.run(
@@ -198,38 +355,39 @@ impl Hub {
             homes.clone(),
             cfg.cloud.api_url.clone(),
             cfg.cloud.project_key.clone(),
-            std::time::Duration::from_secs(cfg.cloud.home_poll_interval_secs),
+            Duration::from_secs(cfg.cloud.home_poll_interval_secs),
             shutdown_rx.clone(),
         )));
         let pacer = pacing::Pacer::new(
             cfg.cloud.max_project_messages_per_minute,
             cfg.cloud.max_messages_per_minute,
         );
+        let uplink_parts = UplinkParts {
+            outbox: outbox.clone(),
+            session,
+            notifies,
+            downstream: down_tx,
+            metrics: metrics.clone(),
+            pacer: pacer.clone(),
+            homes: homes.clone(),
+            per_device_rate: cfg.cloud.max_messages_per_minute,
+            refusal_retry: Duration::from_secs(cfg.cloud.home_poll_interval_secs),
+        };
         let mut uplinks = Vec::new();
         let mut sessions = Vec::new();
+        let mut statuses = Vec::new();
         for d in registry.iter() {
-            let (state, state_rx) = watch::channel(SessionState::Connecting);
-            sessions.push(state_rx);
-            let pace = pacing::DevicePacer::new(cfg.cloud.max_messages_per_minute);
-            let status = DeviceUplink::new_status(d, &pace);
-            uplinks.push(status.clone());
-            let up = DeviceUplink {
-                device: d.clone(),
-                outbox: outbox.clone(),
-                session: session.clone(),
-                notify: notifies[&d.mode_id].clone(),
-                downstream: down_tx.clone(),
-                metrics: metrics.clone(),
-                state,
-                shutdown: shutdown_rx.clone(),
-                pacer: pacer.clone(),
-                pace,
-                homes: homes.clone(),
-                refusal_retry: std::time::Duration::from_secs(cfg.cloud.home_poll_interval_secs),
-                status,
-            };
-            tasks.push(tokio::spawn(up.run()));
+            let (state, status, run) = uplink_parts.spawn(d);
+            sessions.push(state);
+            statuses.push(status);
+            uplinks.push(Some(run));
         }
+        let view = Arc::new(RwLock::new(Arc::new(DeviceView {
+            transports: transports(&registry, &ports),
+            registry: registry.clone(),
+            sessions,
+            uplinks: statuses,
+        })));
         tracing::info!(
             devices = registry.len(),
             local = %local_addr,
@@ -240,18 +398,118 @@ impl Hub {
             local_addr,
             metrics,
             outbox,
-            registry,
-            sessions,
+            registry: shared,
+            view,
             homes,
             pacer,
-            uplinks,
             clock: clock_watch,
             shutdown,
             tasks,
+            uplinks,
+            ports,
+            adapters,
+            uplink_parts,
+            serial_parts,
             outbox_thread: Some(outbox_thread),
             presence,
             started: std::time::Instant::now(),
         })
+    }
+
+    /// Puts a new device table and serial port list in force without a restart (SIGHUP).
+    ///
+    /// Unchanged devices keep their upstream sessions and local connections. A removed device's
+    /// local connections are closed and its uplink stopped; its backlog stays in the outbox
+    /// (it drains if the device comes back). A changed device (MODE ID, home or credentials)
+    /// is removed and added anew. Serial ports whose settings or devices changed are
+    /// restarted; the others keep running. Every other setting needs a restart: the caller
+    /// says so (see `modehub run`).
+    pub async fn reload(&mut self, cfg: &Config) -> ReloadReport {
+        let old = self.registry.load();
+        let (new, changes) = old.reconcile(cfg);
+        let new = Arc::new(new);
+        let mut report = ReloadReport::default();
+        for &id in &changes.retired {
+            let name = &old.get(id).name;
+            if new.lookup(name).is_some() {
+                report.changed.push(name.clone());
+            } else {
+                report.removed.push(name.clone());
+            }
+        }
+        for &id in &changes.added {
+            let name = &new.get(id).name;
+            if !report.changed.contains(name) {
+                report.added.push(name.clone());
+            }
+        }
+        // In force first: retired devices' local connections close, new ones may log in.
+        self.registry.store(new.clone());
+        self.homes
+            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
+        // Stop before start: a changed device never has two sessions with MODE at once.
+        for &id in &changes.retired {
+            if let Some(run) = self.uplinks.get_mut(id).and_then(Option::take) {
+                run.stop().await;
+            }
+        }
+        let current = self.view.read().expect("view lock").clone();
+        let mut sessions = current.sessions.clone();
+        let mut statuses = current.uplinks.clone();
+        for &id in &changes.added {
+            let (state, status, run) = self.uplink_parts.spawn(new.get(id));
+            debug_assert_eq!(sessions.len(), id);
+            sessions.push(state);
+            statuses.push(status);
+            self.uplinks.push(Some(run));
+        }
+        // Serial: keep a port whose settings and device slots are unchanged.
+        let mut keep = Vec::new();
+        let mut wanted: Vec<&SerialConfig> = cfg.serial.iter().collect();
+        for port in std::mem::take(&mut self.ports) {
+            let slots: Vec<DeviceId> = port
+                .cfg
+                .devices
+                .iter()
+                .filter_map(|n| new.lookup(n).map(|d| d.id))
+                .collect();
+            match wanted.iter().position(|w| **w == port.cfg) {
+                Some(i) if slots == port.devices => {
+                    wanted.remove(i);
+                    keep.push(port);
+                }
+                _ => {
+                    report
+                        .ports
+                        .push(format!("{} stopped", port.cfg.port.display()));
+                    port.run.stop().await;
+                }
+            }
+        }
+        for w in wanted {
+            let name = format!("{} started", w.port.display());
+            // A restarted port reads "stopped" then "started".
+            report.ports.push(name);
+            keep.push(self.serial_parts.spawn(w, &new));
+        }
+        self.ports = keep;
+        *self.adapters.write().expect("adapters lock") = adapter_table(&new, &self.ports);
+        *self.view.write().expect("view lock") = Arc::new(DeviceView {
+            transports: transports(&new, &self.ports),
+            registry: new,
+            sessions,
+            uplinks: statuses,
+        });
+        report
+    }
+
+    /// The per-slot view ops reads (shared; replaced on reload).
+    pub fn view(&self) -> &SharedView {
+        &self.view
+    }
+
+    fn current_view(&self) -> Arc<DeviceView> {
+        self.view.read().expect("view lock").clone()
     }
 
     /// Where local sensors connect.
@@ -267,8 +525,9 @@ impl Hub {
         &self.outbox
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The device table in force.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.load()
     }
 
     /// The home watcher's shared state.
@@ -281,9 +540,10 @@ impl Hub {
         &self.pacer
     }
 
-    /// Each device's uplink status (pacing, hold), in registry order.
-    pub fn uplink_status(&self) -> &[Arc<UplinkStatus>] {
-        &self.uplinks
+    /// Each configured device's uplink status (pacing, hold), in registry order.
+    pub fn uplink_status(&self) -> Vec<Arc<UplinkStatus>> {
+        let v = self.current_view();
+        v.registry.iter().map(|d| v.uplinks[d.id].clone()).collect()
     }
 
     /// The capture clock's state (`None` when a test injected its own clock).
@@ -291,16 +551,32 @@ impl Hub {
         self.clock.as_ref()
     }
 
-    /// Upstream session state of each device, in registry order.
+    /// Upstream session state of each configured device, in registry order.
     pub fn session_states(&self) -> Vec<SessionState> {
-        self.sessions.iter().map(|s| s.borrow().clone()).collect()
+        let v = self.current_view();
+        v.registry
+            .iter()
+            .map(|d| v.sessions[d.id].borrow().clone())
+            .collect()
     }
 
     /// Stops accepting, closes sessions, and waits for the outbox's last commit.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        let stopping: Vec<Stoppable> = self
+            .uplinks
+            .drain(..)
+            .flatten()
+            .chain(self.ports.drain(..).map(|p| p.run))
+            .collect();
+        for s in &stopping {
+            let _ = s.stop.send(true);
+        }
+        for s in stopping {
+            let _ = tokio::time::timeout(Duration::from_secs(3), s.task).await;
+        }
         for t in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), t).await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }
         let thread = self.outbox_thread.take();
         drop(self);

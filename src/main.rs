@@ -292,7 +292,7 @@ async fn run(cfg: Config, path: PathBuf, reload_log: LogReload) -> anyhow::Resul
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 notifier.reloading();
-                current = reload(&path, current, &reload_log);
+                current = reload(&path, current, &reload_log, &mut hub).await;
                 notifier.ready(&ctx.status_line().await);
             }
         }
@@ -316,8 +316,14 @@ async fn run(cfg: Config, path: PathBuf, reload_log: LogReload) -> anyhow::Resul
 }
 
 /// SIGHUP: re-reads and validates the config. A bad file is rejected (the running config
-/// stays); a good one applies what can change at run time and says what needs a restart.
-fn reload(path: &std::path::Path, old: Config, reload_log: &LogReload) -> Config {
+/// stays); a good one applies the log filter, the device table and the serial ports at once
+/// (unchanged devices keep their sessions) and says which other changes need a restart.
+async fn reload(
+    path: &std::path::Path,
+    old: Config,
+    reload_log: &LogReload,
+    hub: &mut modehub::Hub,
+) -> Config {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -333,9 +339,20 @@ fn reload(path: &std::path::Path, old: Config, reload_log: &LogReload) -> Config
             Err(e) => tracing::warn!(error = %e, "SIGHUP: cannot change the log filter"),
         }
     }
+    let applied = hub.reload(&new).await;
+    if applied.is_empty() {
+        tracing::info!("SIGHUP: devices and serial ports unchanged");
+    } else {
+        tracing::info!(
+            added = ?applied.added,
+            removed = ?applied.removed,
+            changed = ?applied.changed,
+            serial = ?applied.ports,
+            "SIGHUP: device table and serial ports reloaded; unchanged devices kept their sessions"
+        );
+    }
     let needs_restart = restart_needed(&old, &new);
     if needs_restart.is_empty() {
-        tracing::info!("SIGHUP: config re-read; nothing else changed");
         new
     } else {
         tracing::warn!(
@@ -348,38 +365,18 @@ fn reload(path: &std::path::Path, old: Config, reload_log: &LogReload) -> Config
                 log: new.hub.log.clone(),
                 ..old.hub.clone()
             },
-            ..old
+            local: old.local,
+            cloud: old.cloud,
+            ops: old.ops,
+            ..new
         }
     }
 }
 
 /// What differs between two valid configs in ways only a restart applies, in words.
+/// (Devices, serial ports and the log filter are applied by a reload.)
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
-    let names = |c: &Config| -> Vec<String> { c.devices.iter().map(|d| d.name.clone()).collect() };
-    let (on, nn) = (names(old), names(new));
-    for n in nn.iter().filter(|n| !on.contains(n)) {
-        out.push(format!("device {n} added"));
-    }
-    for n in on.iter().filter(|n| !nn.contains(n)) {
-        out.push(format!("device {n} removed"));
-    }
-    for d in &new.devices {
-        if let Some(o) = old.devices.iter().find(|o| o.name == d.name) {
-            if o.mode_id != d.mode_id
-                || o.home_id != d.home_id
-                || o.api_key != d.api_key
-                || o.local_password != d.local_password
-            {
-                out.push(format!("device {} changed", d.name));
-            }
-        }
-    }
-    let ports =
-        |c: &Config| -> Vec<String> { c.serial.iter().map(|s| format!("{:?}", s)).collect() };
-    if ports(old) != ports(new) {
-        out.push("[[serial]] ports".into());
-    }
     let hub = |c: &Config| {
         let mut h = c.hub.clone();
         h.log = String::new();

@@ -8,7 +8,7 @@
 
 use crate::metrics::{Metrics, RejectReason};
 use crate::outbox::{Capture, CommitWaiter, Kind, NewRecord, Outbox};
-use crate::registry::{DeviceId, Registry};
+use crate::registry::{DeviceId, SharedRegistry};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -97,7 +97,7 @@ pub fn system_clock() -> Clock {
 
 #[derive(Clone)]
 pub struct Router {
-    registry: Arc<Registry>,
+    registry: Arc<SharedRegistry>,
     outbox: Outbox,
     metrics: Arc<Metrics>,
     max_payload: usize,
@@ -107,7 +107,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(
-        registry: Arc<Registry>,
+        registry: Arc<SharedRegistry>,
         outbox: Outbox,
         metrics: Arc<Metrics>,
         max_payload: usize,
@@ -129,13 +129,18 @@ impl Router {
         self
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
+    pub fn registry(&self) -> &Arc<SharedRegistry> {
         &self.registry
+    }
+
+    /// MODE device ID of a slot (a retired slot keeps the identity it was accepted under).
+    fn mode_id(&self, dev: DeviceId) -> u64 {
+        self.registry.load().get(dev).mode_id
     }
 
     fn refuse(&self, dev: DeviceId, r: Rejected) -> Rejected {
         self.metrics.reject(r.reason());
-        tracing::warn!(device = %self.registry.get(dev).name, reason = %r.reason(), detail = %r, "dropped a message from a local device");
+        tracing::warn!(device = %self.registry.load().get(dev).name, reason = %r.reason(), detail = %r, "dropped a message from a local device");
         r
     }
 
@@ -207,7 +212,7 @@ impl Router {
             }
         };
         Ok(NewRecord {
-            device: self.registry.get(dev).mode_id,
+            device: self.mode_id(dev),
             kind: Kind::Event,
             key: event_type.into_owned(),
             body,
@@ -245,7 +250,7 @@ impl Router {
             }
         };
         Ok(NewRecord {
-            device: self.registry.get(dev).mode_id,
+            device: self.mode_id(dev),
             kind,
             key: key.into_owned(),
             body,

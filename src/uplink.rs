@@ -105,11 +105,17 @@ pub struct UplinkStatus {
     pub name: String,
     pub pace: Arc<DevicePaceStatus>,
     hold: Mutex<Option<Hold>>,
+    /// The last upstream error and when (unix ms).
+    last_error: Mutex<Option<(String, i64)>>,
 }
 
 impl UplinkStatus {
     pub fn hold(&self) -> Option<Hold> {
         self.hold.lock().expect("status lock").clone()
+    }
+    /// The last upstream error (session lost, MODE unreachable or refusing) and when (unix ms).
+    pub fn last_error(&self) -> Option<(String, i64)> {
+        self.last_error.lock().expect("status lock").clone()
     }
     fn set_hold(&self, h: Option<Hold>) {
         *self.hold.lock().expect("status lock") = h;
@@ -184,7 +190,21 @@ impl DeviceUplink {
             name: device.name.clone(),
             pace: pace.status(),
             hold: Mutex::new(None),
+            last_error: Mutex::new(None),
         })
+    }
+
+    /// Publishes the session state, remembering errors for status.
+    fn set_state(&self, s: SessionState) {
+        let error = match &s {
+            SessionState::Down(r) => Some(format!("upstream: {r}")),
+            SessionState::Refused(r) => Some(format!("upstream refused: {r}")),
+            _ => None,
+        };
+        if let Some(e) = error {
+            *self.status.last_error.lock().expect("status lock") = Some((e, unix_ms()));
+        }
+        self.state.send_replace(s);
     }
 
     /// Runs until shutdown.
@@ -194,7 +214,7 @@ impl DeviceUplink {
         self.sleep(Duration::from_millis(fastrand::u64(0..200)))
             .await;
         while !*self.shutdown.borrow() {
-            self.state.send_replace(SessionState::Connecting);
+            self.set_state(SessionState::Connecting);
             self.metrics.upstream_connects.fetch_add(1, Relaxed);
             let connected = tokio::select! {
                 r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key) => r,
@@ -203,7 +223,7 @@ impl DeviceUplink {
             let delay = match connected {
                 Ok(session) => {
                     tracing::info!(device = %self.device.name, mode_id = self.device.mode_id, "upstream session up");
-                    self.state.send_replace(SessionState::Up);
+                    self.set_state(SessionState::Up);
                     let started = tokio::time::Instant::now();
                     let ended = self.pump(session).await;
                     self.pace.set_replaying(false, self.pacer.stats());
@@ -219,21 +239,20 @@ impl DeviceUplink {
                     }
                     let d = backoff.next_delay();
                     tracing::warn!(device = %self.device.name, reason = %ended.reason, retry_in = ?d, "upstream session lost; outbox keeps everything");
-                    self.state.send_replace(SessionState::Down(ended.reason));
+                    self.set_state(SessionState::Down(ended.reason));
                     d
                 }
                 Err(e) if e.is_auth() => {
                     self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
                     tracing::error!(device = %self.device.name, mode_id = self.device.mode_id, error = %e, retry_in = ?PARKED_RETRY, "MODE REFUSED THIS DEVICE'S CREDENTIALS; its data is kept in the outbox. Fix mode_id / api_key in the config.");
-                    self.state
-                        .send_replace(SessionState::Refused(e.to_string()));
+                    self.set_state(SessionState::Refused(e.to_string()));
                     PARKED_RETRY
                 }
                 Err(e) => {
                     self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
                     let d = backoff.next_delay();
                     tracing::warn!(device = %self.device.name, error = %e, retry_in = ?d, "cannot reach MODE; outbox keeps everything");
-                    self.state.send_replace(SessionState::Down(e.to_string()));
+                    self.set_state(SessionState::Down(e.to_string()));
                     d
                 }
             };

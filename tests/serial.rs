@@ -14,7 +14,7 @@ use modehub::config::{Config, SerialConfig};
 use modehub::downlink::{DownKind, DownMsg, LocalEvent};
 use modehub::metrics::Metrics;
 use modehub::outbox::{Kind, Outbox};
-use modehub::registry::{Registry, TopicKind};
+use modehub::registry::{Registry, SharedRegistry, TopicKind};
 use modehub::router::Router;
 use modehub::serial::line::{crc8, with_checksum};
 use modehub::serial::{self, OpenFailure, PortContext};
@@ -181,11 +181,12 @@ impl Rig {
             ));
         }
         let cfg = Config::parse(&text, dir.path()).unwrap();
-        let registry = Arc::new(Registry::from_config(&cfg));
+        let shared = SharedRegistry::new(Registry::from_config(&cfg));
+        let registry = shared.load();
         let metrics = Arc::new(Metrics::default());
         let (outbox, _thread) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
         let router = Router::new(
-            registry.clone(),
+            shared,
             outbox.clone(),
             metrics.clone(),
             cfg.hub.max_payload_bytes,

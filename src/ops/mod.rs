@@ -91,10 +91,12 @@ impl Presence {
         let mut conns = self.conns.lock().expect("presence lock");
         match ev {
             LocalEvent::Connected(dev, c) => {
-                if let Some(v) = conns.get_mut(*dev) {
-                    if !v.contains(c) {
-                        v.push(*c);
-                    }
+                // A reload may have added slots since the hub started.
+                if conns.len() <= *dev {
+                    conns.resize_with(dev + 1, Vec::new);
+                }
+                if !conns[*dev].contains(c) {
+                    conns[*dev].push(*c);
                 }
             }
             LocalEvent::Disconnected(dev, c) => {
@@ -137,29 +139,19 @@ struct Progress {
     commits_failing: bool,
 }
 
-/// The last upstream error of one device and when it happened (Unix ms).
-#[derive(Debug, Clone)]
-struct LastError {
-    what: String,
-    at_ms: i64,
-}
-
 /// A running hub as ops sees it. Cheap to share (`Arc`).
 pub struct OpsContext {
     metrics: Arc<Metrics>,
     /// Taken away when the hub stops, so ops never keeps the outbox writer alive.
     outbox: Mutex<Option<Outbox>>,
-    registry: Arc<Registry>,
-    sessions: Vec<watch::Receiver<SessionState>>,
+    /// Devices, their session states, uplink status and transports (swapped on reload).
+    view: crate::SharedView,
     presence: Arc<Presence>,
     local_addr: SocketAddr,
     started: Instant,
     data_dir: PathBuf,
-    /// Per device (registry order): "mqtt" or "serial <port>".
-    transports: Vec<String>,
     stall_after: Duration,
     progress: Mutex<Progress>,
-    last_errors: Mutex<Vec<Option<LastError>>>,
     shutdown: watch::Receiver<bool>,
     homes: Arc<crate::homes::Homes>,
 }
@@ -167,27 +159,14 @@ pub struct OpsContext {
 impl Hub {
     /// The ops view of this hub, with its monitor tasks started (they stop with the hub).
     pub fn ops_context(&mut self, cfg: &Config) -> Arc<OpsContext> {
-        let transports = self
-            .registry
-            .iter()
-            .map(|d| {
-                cfg.serial
-                    .iter()
-                    .find(|s| s.devices.contains(&d.name))
-                    .map(|s| format!("serial {}", s.port.display()))
-                    .unwrap_or_else(|| "mqtt".to_string())
-            })
-            .collect();
         let ctx = Arc::new(OpsContext {
             metrics: self.metrics.clone(),
             outbox: Mutex::new(Some(self.outbox.clone())),
-            registry: self.registry.clone(),
-            sessions: self.sessions.clone(),
+            view: self.view().clone(),
             presence: self.presence.clone(),
             local_addr: self.local_addr,
             started: self.started,
             data_dir: cfg.hub.data_dir.clone(),
-            transports,
             stall_after: Duration::from_secs(cfg.ops.stall_after_secs),
             progress: Mutex::new(Progress {
                 last_progress: Instant::now(),
@@ -197,30 +176,10 @@ impl Hub {
                 last_commit_errors: 0,
                 commits_failing: false,
             }),
-            last_errors: Mutex::new(vec![None; self.registry.len()]),
             shutdown: self.shutdown.subscribe(),
             homes: self.homes.clone(),
         });
         self.tasks.push(tokio::spawn(ctx.clone().monitor()));
-        for (i, rx) in self.sessions.iter().enumerate() {
-            let ctx = Arc::downgrade(&ctx);
-            let mut rx = rx.clone();
-            // Ends when the device's uplink task ends (its sender is dropped).
-            tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    let what = match &*rx.borrow_and_update() {
-                        SessionState::Down(r) if r != "hub stopping" => format!("upstream: {r}"),
-                        SessionState::Refused(r) => format!("upstream refused: {r}"),
-                        _ => continue,
-                    };
-                    let Some(ctx) = ctx.upgrade() else { return };
-                    ctx.last_errors.lock().expect("ops lock")[i] = Some(LastError {
-                        what,
-                        at_ms: now_ms(),
-                    });
-                }
-            });
-        }
         ctx
     }
 
@@ -357,8 +316,12 @@ impl OpsContext {
     pub fn outbox(&self) -> Option<Outbox> {
         self.outbox.lock().expect("ops lock").clone()
     }
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    fn view(&self) -> Arc<crate::DeviceView> {
+        self.view.read().expect("view lock").clone()
+    }
+    /// The device table in force.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.view().registry.clone()
     }
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -366,14 +329,24 @@ impl OpsContext {
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
+    /// Session state of each configured device, in registry order.
     pub fn session_states(&self) -> Vec<SessionState> {
-        self.sessions.iter().map(|s| s.borrow().clone()).collect()
+        let v = self.view();
+        v.registry
+            .iter()
+            .map(|d| v.sessions[d.id].borrow().clone())
+            .collect()
     }
     pub fn local_connections(&self, dev: usize) -> usize {
         self.presence.connections(dev)
     }
-    pub fn transport(&self, dev: usize) -> &str {
-        &self.transports[dev]
+    /// "mqtt" or "serial <port>".
+    pub fn transport(&self, dev: usize) -> String {
+        self.view()
+            .transports
+            .get(dev)
+            .cloned()
+            .unwrap_or_else(|| "mqtt".into())
     }
 
     /// The state of a device's home from the home watcher: "active", "deactivated",
@@ -544,7 +517,7 @@ impl OpsContext {
             format!("{up}/{} upstream sessions up", states.len())
         } else {
             let first: Vec<String> = self
-                .registry
+                .registry()
                 .iter()
                 .zip(&states)
                 .take(3)
@@ -589,31 +562,28 @@ impl OpsContext {
     pub async fn status(&self) -> StatusReport {
         let health = self.health().await;
         let depth = self.depth().await.unwrap_or_default();
-        let states = self.session_states();
-        let errors = self.last_errors.lock().expect("ops lock").clone();
+        let view = self.view();
         let now = now_ms();
-        let devices = self
+        let devices = view
             .registry
             .iter()
-            .zip(states)
-            .map(|(d, s)| {
+            .map(|d| {
+                let s = view.sessions[d.id].borrow().clone();
                 let dd = depth.get(&d.mode_id).cloned().unwrap_or_default();
-                let err = errors.get(d.id).cloned().flatten();
+                let err = view.uplinks[d.id].last_error();
                 DeviceStatus {
                     name: d.name.clone(),
                     mode_id: d.mode_id,
                     home_id: d.home_id,
-                    transport: self.transport(d.id).to_string(),
+                    transport: view.transports[d.id].clone(),
                     local_connections: self.local_connections(d.id),
                     upstream: session_label(&s),
                     home_state: self.home_state(d).to_string(),
                     queued: dd.rows,
                     queued_bytes: dd.bytes,
                     oldest_pending_secs: dd.oldest_ms.map(|t| ((now - t).max(0) / 1000) as u64),
-                    last_error_secs_ago: err
-                        .as_ref()
-                        .map(|e| ((now - e.at_ms).max(0) / 1000) as u64),
-                    last_error: err.map(|e| e.what),
+                    last_error_secs_ago: err.as_ref().map(|e| ((now - e.1).max(0) / 1000) as u64),
+                    last_error: err.map(|e| e.0),
                 }
             })
             .collect();
@@ -632,8 +602,10 @@ impl OpsContext {
     pub async fn status_line(&self) -> String {
         let states = self.session_states();
         let up = states.iter().filter(|s| **s == SessionState::Up).count();
-        let local = (0..self.registry.len())
-            .filter(|i| self.presence.connections(*i) > 0)
+        let local = self
+            .registry()
+            .iter()
+            .filter(|d| self.presence.connections(d.id) > 0)
             .count();
         let queued = match self.depth().await {
             Ok(d) => d.values().map(|x| x.rows).sum::<u64>().to_string(),

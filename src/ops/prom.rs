@@ -165,7 +165,8 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Upstream session state per device: 1 for the current state.",
     );
-    for (d, s) in ctx.registry().iter().zip(&states) {
+    let registry = ctx.registry();
+    for (d, s) in registry.iter().zip(&states) {
         let id = d.mode_id.to_string();
         for name in ["connecting", "up", "down", "refused"] {
             o.sample(
@@ -180,7 +181,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Live local connections per device (MQTT clients or open serial port).",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         o.sample(
             "modehub_local_connected",
             &[("device", &d.name), ("mode_id", &d.mode_id.to_string())],
@@ -192,7 +193,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "State of each device's MODE home: 1 for the current state (unknown until watched).",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         let state = ctx.home_state(d);
         for name in ["active", "deactivated", "unknown"] {
             o.sample(
@@ -211,7 +212,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Messages waiting in the outbox for MODE, per device.",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         let dd = depth.get(&d.mode_id);
         o.sample(
             "modehub_outbox_depth_messages",
@@ -224,7 +225,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Payload bytes waiting in the outbox, per device.",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         let dd = depth.get(&d.mode_id);
         o.sample(
             "modehub_outbox_depth_bytes",
@@ -237,7 +238,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Age of the oldest message waiting for MODE, per device (0 when none waits).",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         let age = depth
             .get(&d.mode_id)
             .and_then(|x| x.oldest_ms)
@@ -253,7 +254,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Commands from MODE waiting for a device that is away locally.",
     );
-    for d in ctx.registry().iter() {
+    for d in registry.iter() {
         o.sample(
             "modehub_command_queue_depth",
             &[("device", &d.name), ("mode_id", &d.mode_id.to_string())],

@@ -26,32 +26,6 @@ async fn start(transport: &str, n: usize, hub_extra: &str) -> (Emulator, Hub, te
     (emu, hub, dir)
 }
 
-/// Sends a command once MODE has a session for the device that takes it: MODE drops a command
-/// that reaches a session before it subscribed, so resend until one was handed to a connection.
-async fn send_command(emu: &Emulator, dev: u64, action: &str, params: Value) {
-    let h = emu.handle();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let before = h.stats().command_deliveries;
-        match h.send_command(dev, action, params.clone()) {
-            Ok(()) if h.stats().command_deliveries > before => return,
-            r => assert!(
-                tokio::time::Instant::now() < deadline,
-                "device {dev} never got an upstream session that takes commands: {r:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn json_of(p: &rumqttc::Publish) -> Value {
     serde_json::from_slice(&p.payload).unwrap()
 }

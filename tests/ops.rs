@@ -123,7 +123,7 @@ async fn wait_exit(mut child: Child) -> (std::process::ExitStatus, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_ready_watchdog_status_reload_and_sigterm() {
-    let emu = emulator(2).await;
+    let emu = emulator(3).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let cfg_path = dir.path().join("hub.toml");
@@ -172,6 +172,41 @@ async fn notify_ready_watchdog_status_reload_and_sigterm() {
         .await;
     wait_events(&emu.handle(), device_id(0), 2).await;
 
+    // SIGHUP with a third device and a new [cloud] setting: the device works at once, the
+    // others keep their sessions, the [cloud] change waits for a restart (and says so).
+    let connects = emu.handle().connect_count(device_id(0));
+    std::fs::write(
+        &cfg_path,
+        binary_config(&emu, dir.path(), 3, port)
+            .replace("[cloud]\n", "[cloud]\nmax_inflight = 7\n"),
+    )
+    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGHUP);
+    systemd
+        .wait_for("READY=1 after the second reload", |m| m.contains("READY=1"))
+        .await;
+    let mut s2 = Sensor::connect(format!("127.0.0.1:{port}").parse().unwrap(), "dev2", "pw2").await;
+    s2.publish_all("/devices/dev2/event", vec![event_json(7)])
+        .await;
+    assert_eq!(
+        ns(&wait_events(&emu.handle(), device_id(2), 1).await),
+        vec![7]
+    );
+    s.publish_all("/devices/dev0/event", vec![event_json(3)])
+        .await;
+    wait_events(&emu.handle(), device_id(0), 3).await;
+    assert!(s.closed.borrow().is_none(), "dev0 stayed connected locally");
+    assert_eq!(
+        emu.handle().connect_count(device_id(0)),
+        connects,
+        "dev0's upstream session was kept"
+    );
+    systemd
+        .wait_for("a status line counting 3 devices", |m| {
+            m.contains("WATCHDOG=1") && m.contains("3/3 upstream up")
+        })
+        .await;
+
     // SIGTERM: STOPPING=1, drain, exit 0.
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     systemd
@@ -184,6 +219,15 @@ async fn notify_ready_watchdog_status_reload_and_sigterm() {
         "{stderr}"
     );
     assert!(stderr.contains("not valid TOML"), "{stderr}");
+    assert!(
+        stderr.contains("SIGHUP: device table and serial ports reloaded")
+            && stderr.contains("added=[\"dev2\"]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("take effect only after a restart") && stderr.contains("[cloud]"),
+        "{stderr}"
+    );
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
     assert!(!stderr.contains("v1.key-"), "no secrets in logs: {stderr}");
     assert!(

@@ -1,6 +1,8 @@
 //! Shared test fixtures: an emulator with seeded devices, a hub pointed at it, and a sensor.
 #![allow(dead_code)]
 
+pub mod pty;
+
 use modehub::config::Config;
 use modehub::emulator::{Emulator, EmulatorConfig, EmulatorHandle, RecordedEvent, Seed};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -55,14 +57,19 @@ pub fn hub_config_text(emu: &Emulator, data_dir: &Path, n: usize, extra_cloud: &
         emu.mqtt_addr()
     );
     for i in 0..n {
-        s.push_str(&format!(
-            "[[device]]\nname = \"dev{i}\"\nmode_id = {}\nhome_id = {}\napi_key = \"{}\"\nlocal_password = \"pw{i}\"\n",
-            device_id(i),
-            if i % 2 == 0 { 42 } else { 43 },
-            device_key(i)
-        ));
+        s.push_str(&device_table(i, &format!("pw{i}")));
     }
     s
+}
+
+/// The `[[device]]` table of `dev{i}` (home 42 or 43) with local password `password`.
+pub fn device_table(i: usize, password: &str) -> String {
+    format!(
+        "[[device]]\nname = \"dev{i}\"\nmode_id = {}\nhome_id = {}\napi_key = \"{}\"\nlocal_password = \"{password}\"\n",
+        device_id(i),
+        if i.is_multiple_of(2) { 42 } else { 43 },
+        device_key(i)
+    )
 }
 
 pub fn hub_config(emu: &Emulator, data_dir: &Path, n: usize) -> Config {
@@ -221,4 +228,30 @@ fn distinct_events(events: &[RecordedEvent]) -> usize {
             None => true,
         })
         .count()
+}
+
+/// Sends a command once MODE has a session for the device that takes it: MODE drops a command
+/// that reaches a session before it subscribed, so resend until one was handed to a connection.
+pub async fn send_command(emu: &Emulator, dev: u64, action: &str, params: serde_json::Value) {
+    let h = emu.handle();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = h.stats().command_deliveries;
+        match h.send_command(dev, action, params.clone()) {
+            Ok(()) if h.stats().command_deliveries > before => return,
+            r => assert!(
+                tokio::time::Instant::now() < deadline,
+                "device {dev} never got an upstream session that takes commands: {r:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -148,6 +148,12 @@ impl Homes {
             }
             inner.retain(|_, st| !st.devices.is_empty());
             let mut holds = self.holds.lock().expect("homes lock");
+            // A home no longer configured holds nothing (if it comes back, it starts unknown).
+            for (h, tx) in holds.iter() {
+                if !inner.contains_key(h) {
+                    tx.send_if_modified(|held| std::mem::replace(held, false));
+                }
+            }
             for h in inner.keys() {
                 holds.entry(*h).or_insert_with(|| watch::channel(false).0);
             }

@@ -59,11 +59,24 @@ struct Stoppable {
 }
 
 impl Stoppable {
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
+    /// Stops them all at once and waits for each to end; a task that does not end within
+    /// `STOP_WAIT` is aborted, so it can never run on beside its replacement.
+    async fn stop_all(all: Vec<Stoppable>) {
+        for s in &all {
+            let _ = s.stop.send(true);
+        }
+        let waits = all.into_iter().map(|s| async move {
+            let abort = s.task.abort_handle();
+            if tokio::time::timeout(STOP_WAIT, s.task).await.is_err() {
+                abort.abort();
+            }
+        });
+        futures_util::future::join_all(waits).await;
     }
 }
+
+/// How long a stopping uplink or serial port may take to finish what it owes.
+const STOP_WAIT: Duration = Duration::from_secs(3);
 
 /// A running serial port and the device slots it serves.
 struct RunningPort {
@@ -443,27 +456,14 @@ impl Hub {
                 report.added.push(name.clone());
             }
         }
-        // In force first: retired devices' local connections close, new ones may log in.
-        self.registry.store(new.clone());
-        self.homes
-            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
-        // Stop before start: a changed device never has two sessions with MODE at once.
-        for &id in &changes.retired {
-            if let Some(run) = self.uplinks.get_mut(id).and_then(Option::take) {
-                run.stop().await;
-            }
-        }
-        let current = self.view.read().expect("view lock").clone();
-        let mut sessions = current.sessions.clone();
-        let mut statuses = current.uplinks.clone();
-        for &id in &changes.added {
-            let (state, status, run) = self.uplink_parts.spawn(new.get(id));
-            debug_assert_eq!(sessions.len(), id);
-            sessions.push(state);
-            statuses.push(status);
-            self.uplinks.push(Some(run));
-        }
-        // Serial: keep a port whose settings and device slots are unchanged.
+        // Stop first, all at once: retired devices' uplinks (a changed device never has two
+        // sessions with MODE) and the serial ports whose settings or devices change (so they
+        // stop answering for a retired device before the new table is in force).
+        let mut stopping: Vec<Stoppable> = changes
+            .retired
+            .iter()
+            .filter_map(|&id| self.uplinks.get_mut(id).and_then(Option::take))
+            .collect();
         let mut keep = Vec::new();
         let mut wanted: Vec<&SerialConfig> = cfg.serial.iter().collect();
         for port in std::mem::take(&mut self.ports) {
@@ -482,9 +482,24 @@ impl Hub {
                     report
                         .ports
                         .push(format!("{} stopped", port.cfg.port.display()));
-                    port.run.stop().await;
+                    stopping.push(port.run);
                 }
             }
+        }
+        Stoppable::stop_all(stopping).await;
+        // In force: retired devices' local connections close, new ones may log in.
+        self.registry.store(new.clone());
+        self.homes
+            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
+        let current = self.view.read().expect("view lock").clone();
+        let mut sessions = current.sessions.clone();
+        let mut statuses = current.uplinks.clone();
+        for &id in &changes.added {
+            let (state, status, run) = self.uplink_parts.spawn(new.get(id));
+            debug_assert_eq!(sessions.len(), id);
+            sessions.push(state);
+            statuses.push(status);
+            self.uplinks.push(Some(run));
         }
         for w in wanted {
             let name = format!("{} started", w.port.display());
@@ -569,12 +584,7 @@ impl Hub {
             .flatten()
             .chain(self.ports.drain(..).map(|p| p.run))
             .collect();
-        for s in &stopping {
-            let _ = s.stop.send(true);
-        }
-        for s in stopping {
-            let _ = tokio::time::timeout(Duration::from_secs(3), s.task).await;
-        }
+        Stoppable::stop_all(stopping).await;
         for t in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }

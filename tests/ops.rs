@@ -57,8 +57,10 @@ impl FakeSystemd {
     /// Waits for a message that satisfies `pred` and returns it.
     async fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let mut buf = vec![0u8; 4096];
+        // One deadline for the whole wait: watchdog pings keep arriving meanwhile.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match tokio::time::timeout(Duration::from_secs(30), self.sock.recv(&mut buf)).await {
+            match tokio::time::timeout_at(deadline, self.sock.recv(&mut buf)).await {
                 Ok(Ok(n)) => {
                     let m = String::from_utf8_lossy(&buf[..n]).to_string();
                     self.seen.push(m.clone());

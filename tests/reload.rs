@@ -15,7 +15,13 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 fn config(emu: &modehub::emulator::Emulator, dir: &Path, tables: &[String]) -> Config {
-    let text = format!("{}{}", hub_config_text(emu, dir, 0, ""), tables.concat());
+    // Pacing out of the way (it is tested in tests/store_forward.rs).
+    let pacing = "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000";
+    let text = format!(
+        "{}{}",
+        hub_config_text(emu, dir, 0, pacing),
+        tables.concat()
+    );
     Config::parse(&text, dir).unwrap()
 }
 
@@ -151,7 +157,7 @@ async fn reload_reopens_only_the_serial_ports_that_changed() {
     assert_eq!(report.ports, vec![format!("{} started", b.path.display())]);
     b.send("E boot #1").await;
     b.expect("OK 1").await;
-    wait_until("dev2's event up", || h.events(device_id(2)).len() == 1).await;
+    wait_until("dev2's event up", || !h.events(device_id(2)).is_empty()).await;
     // Port a was not reopened.
     a.send("E tick #2").await;
     a.expect("OK 2").await;
@@ -189,10 +195,120 @@ async fn reload_reopens_only_the_serial_ports_that_changed() {
     .await;
     a.send("E tick #3").await;
     a.expect("OK 3").await;
-    wait_until("dev0's events up", || h.events(device_id(0)).len() == 3).await;
+    wait_until("dev0's events up", || h.events(device_id(0)).len() >= 3).await;
     hub.shutdown().await;
 }
 
 fn hub_opens(hub: &Hub) -> u64 {
     hub.metrics().serial.port_opens.load(Relaxed)
+}
+
+/// A port restarted by a reload answers every line it committed before closing: nothing the
+/// cloud gets goes unacknowledged (which would make the sensor resend it, a duplicate), and
+/// nothing acknowledged is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_port_answers_what_it_committed() {
+    let emu = emulator(1).await;
+    let h = emu.handle();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Pty::open();
+    let port = |extra: &str| {
+        format!(
+            "[[serial]]\nport = \"{}\"\ndevices = [\"dev0\"]\n{extra}",
+            a.path.display()
+        )
+    };
+    let dev = device_table(0, "pw0");
+    let mut hub = Hub::start(config(&emu, dir.path(), &[dev.clone(), port("")]))
+        .await
+        .unwrap();
+    a.send("E tick n=0 #1000").await;
+    a.expect("OK 1000").await;
+    let lines: String = (1..=300).map(|i| format!("E tick n={i} #{i}\n")).collect();
+    a.write_all(lines.as_bytes()).await;
+    // Restart the port while the lines are being read and committed.
+    let report = hub
+        .reload(&config(
+            &emu,
+            dir.path(),
+            &[dev, port("max_line_bytes = 2048\n")],
+        ))
+        .await;
+    assert_eq!(report.ports.len(), 2, "{report:?}");
+    let mut oks = std::collections::BTreeSet::new();
+    while let Some(l) = a.line(Duration::from_secs(2)).await {
+        if let Some(n) = l.strip_prefix("OK ") {
+            assert!(oks.insert(n.parse::<u64>().unwrap()), "answered twice: {l}");
+        }
+    }
+    assert!(!oks.is_empty());
+    oks.insert(1000);
+    wait_until("MODE has every answered line", || {
+        h.events(device_id(0)).len() >= oks.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = ns(&h.events(device_id(0)));
+    let (firsts, dups) = first_arrivals(&got);
+    assert_eq!(dups, 0, "no line was committed twice");
+    let mut cloud: std::collections::BTreeSet<u64> = firsts.into_iter().collect();
+    cloud.remove(&0);
+    cloud.insert(1000);
+    assert_eq!(
+        cloud, oks,
+        "what MODE got is exactly what the sensor was told"
+    );
+    hub.shutdown().await;
+}
+
+/// The installer's typo: a device configured with a wrong API key is refused by MODE (and
+/// would retry only every 10 minutes). Fixing the key and reloading sends its backlog at once,
+/// and status shows the new state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixing_a_wrong_key_by_reload_delivers_the_backlog() {
+    use modehub::uplink::SessionState;
+    let emu = emulator(2).await;
+    let h = emu.handle();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = device_table(1, "pw1").replace(&device_key(1), "v1.wrong-key");
+    let before = config(&emu, dir.path(), &[device_table(0, "pw0"), wrong]);
+    let mut hub = Hub::start(before.clone()).await.unwrap();
+    let ops = hub.ops_context(&before);
+    let mut s1 = Sensor::connect(hub.local_addr(), "dev1", "pw1").await;
+    s1.publish_all("/devices/dev1/event", (0..3).map(event_json).collect())
+        .await;
+    wait_until("dev1 refused by MODE", || {
+        matches!(hub.session_states()[1], SessionState::Refused(_))
+    })
+    .await;
+    let st = ops.status().await;
+    assert!(st.devices[1].upstream.starts_with("refused"), "{st:?}");
+    assert!(
+        !format!("{st:?}").contains("v1.wrong-key"),
+        "no key in status"
+    );
+
+    let after = config(
+        &emu,
+        dir.path(),
+        &[device_table(0, "pw0"), device_table(1, "pw1")],
+    );
+    let report = hub.reload(&after).await;
+    assert_eq!(report.changed, vec!["dev1".to_string()]);
+    assert_eq!(ns(&wait_events(&h, device_id(1), 3).await), vec![0, 1, 2]);
+    wait_until("dev1 up", || hub.session_states()[1] == SessionState::Up).await;
+    // (MODE's acknowledgements are committed to the outbox a moment after the events arrive.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = ops.status().await;
+        if st.devices[1].queued == 0 || tokio::time::Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let names: Vec<&str> = st.devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["dev0", "dev1"]);
+    assert_eq!(st.devices[1].upstream, "up");
+    assert_eq!(st.devices[1].queued, 0, "{st:?}");
+    hub.shutdown().await;
 }

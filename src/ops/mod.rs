@@ -331,10 +331,15 @@ impl OpsContext {
     }
     /// Session state of each configured device, in registry order.
     pub fn session_states(&self) -> Vec<SessionState> {
+        self.devices().into_iter().map(|(_, s)| s).collect()
+    }
+    /// Each configured device with its session state, from one view (a reload in between
+    /// cannot pair a state with the wrong device).
+    pub fn devices(&self) -> Vec<(Device, SessionState)> {
         let v = self.view();
         v.registry
             .iter()
-            .map(|d| v.sessions[d.id].borrow().clone())
+            .map(|d| (d.clone(), v.sessions[d.id].borrow().clone()))
             .collect()
     }
     pub fn local_connections(&self, dev: usize) -> usize {
@@ -510,16 +515,17 @@ impl OpsContext {
             },
         });
         // Cloud: at least the reachable part works — some session is up (if there are devices).
-        let states = self.session_states();
-        let up = states.iter().filter(|s| **s == SessionState::Up).count();
-        let cloud_ok = states.is_empty() || up > 0;
+        let devices = self.devices();
+        let up = devices
+            .iter()
+            .filter(|(_, s)| *s == SessionState::Up)
+            .count();
+        let cloud_ok = devices.is_empty() || up > 0;
         let detail = if cloud_ok {
-            format!("{up}/{} upstream sessions up", states.len())
+            format!("{up}/{} upstream sessions up", devices.len())
         } else {
-            let first: Vec<String> = self
-                .registry()
+            let first: Vec<String> = devices
                 .iter()
-                .zip(&states)
                 .take(3)
                 .map(|(d, s)| format!("{} {}", d.name, session_label(s)))
                 .collect();
@@ -533,10 +539,17 @@ impl OpsContext {
             ok: cloud_ok,
             detail,
         });
-        // Draining: sessions up and a backlog, but no MODE acknowledgement for too long.
+        // Draining: sessions up and a backlog, but no MODE acknowledgement for too long. Only
+        // configured devices count: a removed device's backlog waits on disk by design.
         let queued: u64 = depth
             .as_ref()
-            .map(|d| d.values().map(|x| x.rows).sum())
+            .map(|d| {
+                devices
+                    .iter()
+                    .filter_map(|(dev, _)| d.get(&dev.mode_id))
+                    .map(|x| x.rows)
+                    .sum()
+            })
             .unwrap_or(0);
         let stalled = queued > 0 && up > 0 && since_progress > self.stall_after;
         checks.push(Check {

@@ -156,7 +156,7 @@ pub async fn render(ctx: &OpsContext) -> String {
     );
 
     // Per device: upstream state, local presence, backlog, waiting commands.
-    let states = ctx.session_states();
+    let devices = ctx.devices();
     let depth = ctx.depth().await.unwrap_or_default();
     let commands = ctx.command_queue_depth().await;
     let now_ms = super::now_ms();
@@ -165,8 +165,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Upstream session state per device: 1 for the current state.",
     );
-    let registry = ctx.registry();
-    for (d, s) in registry.iter().zip(&states) {
+    for (d, s) in &devices {
         let id = d.mode_id.to_string();
         for name in ["connecting", "up", "down", "refused"] {
             o.sample(
@@ -181,7 +180,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Live local connections per device (MQTT clients or open serial port).",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         o.sample(
             "modehub_local_connected",
             &[("device", &d.name), ("mode_id", &d.mode_id.to_string())],
@@ -193,7 +192,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "State of each device's MODE home: 1 for the current state (unknown until watched).",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         let state = ctx.home_state(d);
         for name in ["active", "deactivated", "unknown"] {
             o.sample(
@@ -212,7 +211,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Messages waiting in the outbox for MODE, per device.",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         let dd = depth.get(&d.mode_id);
         o.sample(
             "modehub_outbox_depth_messages",
@@ -225,7 +224,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Payload bytes waiting in the outbox, per device.",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         let dd = depth.get(&d.mode_id);
         o.sample(
             "modehub_outbox_depth_bytes",
@@ -238,7 +237,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Age of the oldest message waiting for MODE, per device (0 when none waits).",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         let age = depth
             .get(&d.mode_id)
             .and_then(|x| x.oldest_ms)
@@ -254,7 +253,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         "gauge",
         "Commands from MODE waiting for a device that is away locally.",
     );
-    for d in registry.iter() {
+    for (d, _) in &devices {
         o.sample(
             "modehub_command_queue_depth",
             &[("device", &d.name), ("mode_id", &d.mode_id.to_string())],

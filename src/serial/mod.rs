@@ -135,6 +135,9 @@ const STABLE_AFTER: Duration = Duration::from_secs(5);
 const ACK_QUEUE: usize = 4096;
 /// How long reading waits for room in a full ack queue before calling the writer stuck.
 const ACK_WAIT: Duration = Duration::from_secs(1);
+/// How long a stopping port (reload or hub stop) may take to write the answers of lines already
+/// committed and the downlink lines already queued before it closes.
+const STOP_FLUSH: Duration = Duration::from_secs(2);
 /// Answers waiting, in line order, for an earlier line's commit.
 const MAX_PENDING: usize = 8192;
 /// Most ack bytes the writer gathers into one write.
@@ -515,15 +518,28 @@ impl Port {
             checksum: self.cfg.require_checksum,
             port: self.port.clone(),
         };
+        let writer = writer.run(wr, down, ack_rx);
+        tokio::pin!(writer);
         let end = tokio::select! {
-            why = self.read_loop(rd, ack_tx) => End::Lost { why, gone: !self.cfg.port.exists() },
-            e = writer.run(wr, down, ack_rx) => End::Lost { why: format!("write failed: {e}"), gone: !self.cfg.port.exists() },
-            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+            why = self.read_loop(rd, ack_tx, shutdown) => match why {
+                Some(why) => End::Lost { why, gone: !self.cfg.port.exists() },
+                // Stopping: the reader settled what it owed and closed the answer queue; the
+                // writer writes what is queued (answers, then downlink lines) and ends.
+                None => {
+                    let _ = tokio::time::timeout(STOP_FLUSH, &mut writer).await;
+                    End::Shutdown
+                }
+            },
+            e = &mut writer => End::Lost { why: format!("write failed: {e}"), gone: !self.cfg.port.exists() },
         };
         self.metrics.serial.ports_open.fetch_sub(1, Relaxed);
         if matches!(end, End::Shutdown) {
             for &dev in &self.devices {
-                let _ = events.try_send(LocalEvent::Disconnected(dev, conn));
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    events.send(LocalEvent::Disconnected(dev, conn)),
+                )
+                .await;
             }
         } else {
             self.presence(events, conn, false).await;
@@ -531,19 +547,29 @@ impl Port {
         end
     }
 
-    /// Reads until the port fails; returns why.
-    async fn read_loop<R: AsyncRead>(&mut self, rd: R, acks: mpsc::Sender<Vec<u8>>) -> String {
+    /// Reads until the port fails (returns why) or `shutdown` turns true (returns `None` once the
+    /// answers owed for lines already read are settled and queued, or after `STOP_FLUSH`).
+    async fn read_loop<R: AsyncRead>(
+        &mut self,
+        rd: R,
+        acks: mpsc::Sender<Vec<u8>>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<String> {
         tokio::pin!(rd);
         let mut buf = vec![0u8; 4096];
         let mut framer = LineFramer::new(self.cfg.max_line_bytes);
         let mut pending: Owing = VecDeque::new();
+        let mut stop_by: Option<Instant> = None;
         loop {
+            if stop_by.is_some() && pending.is_empty() {
+                return None;
+            }
             tokio::select! {
-                r = rd.read(&mut buf) => {
+                r = rd.read(&mut buf), if stop_by.is_none() => {
                     let n = match r {
-                        Ok(0) => return "end of file".into(),
+                        Ok(0) => return Some("end of file".into()),
                         Ok(n) => n,
-                        Err(e) => return e.to_string(),
+                        Err(e) => return Some(e.to_string()),
                     };
                     let mut chunk = &buf[..n];
                     while let Some(frame) = framer.next_frame(&mut chunk) {
@@ -561,6 +587,12 @@ impl Port {
                         self.windows.entry(dev).or_default().settle(a.n, hash, a.err.is_none());
                     }
                     self.ack(&acks, a.n, a.err).await;
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; }, if stop_by.is_none() => {
+                    stop_by = Some(Instant::now() + STOP_FLUSH);
+                }
+                _ = tokio::time::sleep_until(stop_by.unwrap_or_else(Instant::now)), if stop_by.is_some() => {
+                    return None;
                 }
             }
         }
@@ -757,7 +789,21 @@ impl Writer {
                         }
                         (lines, false)
                     }
-                    None => return std::io::Error::other("the reader stopped"),
+                    None => {
+                        // The reader stopped (the port is closing): write the downlink lines
+                        // already queued, they were counted as delivered.
+                        while let Ok(m) = down.try_recv() {
+                            out.clear();
+                            if let Some(n) = self.encode(&m, &mut out) {
+                                if wr.write_all(&out).await.is_err() {
+                                    break;
+                                }
+                                stats.lines_written.fetch_add(n as u64, Relaxed);
+                            }
+                        }
+                        let _ = wr.flush().await;
+                        return std::io::Error::other("the reader stopped");
+                    }
                 },
                 m = down.recv(), if down_open => match m {
                     Some(m) => match self.encode(&m, &mut out) {

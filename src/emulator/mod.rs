@@ -832,6 +832,12 @@ impl EmulatorHandle {
         self.shared.lock().events(None)
     }
 
+    /// Events of the device that were taken and dropped because its home was deactivated
+    /// (what MODE does; `seq` is 0). Kept so tests can tell a drop by MODE from a loss.
+    pub fn dropped_events(&self, device_id: u64) -> Vec<RecordedEvent> {
+        self.shared.lock().dropped_events(device_id)
+    }
+
     /// Forgets the recorded events (counters are kept).
     pub fn clear_events(&self) {
         self.shared.lock().clear_events();

@@ -127,6 +127,8 @@ pub(crate) struct State {
     pub devices: BTreeMap<u64, Device>,
     keys: HashMap<String, Principal>,
     events: VecDeque<RecordedEvent>,
+    /// Events dropped because the device's home was deactivated (bounded like `events`).
+    dropped: VecDeque<RecordedEvent>,
     next_event_seq: u64,
     next_conn_id: u64,
     pub stats: Stats,
@@ -393,6 +395,7 @@ impl State {
             devices,
             keys,
             events: VecDeque::new(),
+            dropped: VecDeque::new(),
             next_event_seq: 0,
             next_conn_id: 0,
             stats: Stats::default(),
@@ -680,13 +683,9 @@ impl State {
                 return EventOutcome::Invalid(e);
             }
         };
-        if self.device_home_deactivated(device_id) {
-            self.stats.events_dropped_deactivated += 1;
-            return EventOutcome::DroppedDeactivated;
-        }
-        self.next_event_seq += 1;
+        let deactivated = self.device_home_deactivated(device_id);
         let ev = RecordedEvent {
-            seq: self.next_event_seq,
+            seq: if deactivated { 0 } else { self.next_event_seq + 1 },
             device_id,
             home_id,
             event_type,
@@ -695,6 +694,15 @@ impl State {
             timestamp: now_rfc3339(),
             transport,
         };
+        if deactivated {
+            self.stats.events_dropped_deactivated += 1;
+            if self.dropped.len() >= self.behaviour.max_recorded_events.max(1) {
+                self.dropped.pop_front();
+            }
+            self.dropped.push_back(ev);
+            return EventOutcome::DroppedDeactivated;
+        }
+        self.next_event_seq += 1;
         self.stats.events_accepted += 1;
         if self.events.len() >= self.behaviour.max_recorded_events.max(1) {
             self.events.pop_front();
@@ -714,8 +722,17 @@ impl State {
             .collect()
     }
 
+    pub(crate) fn dropped_events(&self, device: u64) -> Vec<RecordedEvent> {
+        self.dropped
+            .iter()
+            .filter(|e| e.device_id == device)
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn clear_events(&mut self) {
         self.events.clear();
+        self.dropped.clear();
     }
 
     // ---- commands --------------------------------------------------------------------------

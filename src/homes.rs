@@ -90,6 +90,9 @@ pub struct Homes {
     holds: Mutex<HashMap<u64, watch::Sender<bool>>>,
     /// For devices without a (known) home: never held.
     never: watch::Sender<bool>,
+    /// Per home: when the last read that found it active was *asked* (unix ms). MODE may have
+    /// deactivated it any time after that, so what MODE acknowledged since is suspect.
+    active_asked: Mutex<HashMap<u64, i64>>,
     poke: Notify,
 }
 
@@ -109,6 +112,7 @@ impl Homes {
             inner: Mutex::new(BTreeMap::new()),
             holds: Mutex::new(HashMap::new()),
             never: watch::channel(false).0,
+            active_asked: Mutex::new(HashMap::new()),
             poke: Notify::new(),
         });
         homes.set_devices(devices);
@@ -200,6 +204,26 @@ impl Homes {
             .collect()
     }
 
+    /// When the last read that found `home` active was asked (unix ms); `None` if none did.
+    pub fn active_asked_ms(&self, home: u64) -> Option<i64> {
+        self.active_asked
+            .lock()
+            .expect("homes lock")
+            .get(&home)
+            .copied()
+    }
+
+    /// Records the answer of one read of `home` (`Ok(deactivated)`) asked at `asked_ms`.
+    pub fn record_read(&self, home: u64, asked_ms: i64, answer: Result<bool, &HomeError>) {
+        if matches!(answer, Ok(false)) {
+            self.active_asked
+                .lock()
+                .expect("homes lock")
+                .insert(home, asked_ms);
+        }
+        self.record(home, answer);
+    }
+
     /// Records the answer of one read of `home` (`Ok(deactivated)`).
     pub fn record(&self, home: u64, answer: Result<bool, &HomeError>) {
         let now = now_ms();
@@ -274,6 +298,7 @@ pub async fn run(
     };
     loop {
         for home in homes.home_ids() {
+            let asked = now_ms();
             let answer = tokio::select! {
                 a = crate::mode::homes::home_deactivated(&api_url, &key, home) => a,
                 _ = shutdown.changed() => return,
@@ -283,7 +308,7 @@ pub async fn run(
                     tracing::error!(home, error = %e, "MODE REFUSED THE PROJECT KEY for this home: check cloud.project_key_file (a project API key of this home's project)");
                 }
             }
-            homes.record(home, answer.as_ref().map(|d| *d));
+            homes.record_read(home, asked, answer.as_ref().map(|d| *d));
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

@@ -97,6 +97,7 @@ struct UplinkParts {
     homes: Arc<homes::Homes>,
     per_device_rate: u32,
     refusal_retry: Duration,
+    retain_acked: Duration,
 }
 
 impl UplinkParts {
@@ -129,6 +130,7 @@ impl UplinkParts {
             pace,
             homes: self.homes.clone(),
             refusal_retry: self.refusal_retry,
+            retain_acked: self.retain_acked,
             status: status.clone(),
         };
         let task = tokio::spawn(up.run());
@@ -385,6 +387,8 @@ impl Hub {
             homes: homes.clone(),
             per_device_rate: cfg.cloud.max_messages_per_minute,
             refusal_retry: Duration::from_secs(cfg.cloud.home_poll_interval_secs),
+            // Two polls and some slack: a deactivation is seen within one poll interval.
+            retain_acked: Duration::from_secs(2 * cfg.cloud.home_poll_interval_secs + 10),
         };
         let mut uplinks = Vec::new();
         let mut sessions = Vec::new();

@@ -63,6 +63,9 @@ pub struct Metrics {
     rejected: [AtomicU64; 11],
     /// Upstream (re)connect attempts and successes.
     pub upstream_connects: AtomicU64,
+    /// Messages MODE had acknowledged and then was found to have dropped (their home turned
+    /// out to be deactivated), put back in the outbox to be sent again.
+    pub requeued_deactivated: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
     /// Local MQTT connections accepted after authentication.
     pub local_connections: AtomicU64,

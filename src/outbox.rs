@@ -647,6 +647,13 @@ impl Outbox {
         let _ = self.tx.send(Req::Ack(id)).await;
     }
 
+    /// Puts back rows MODE had acknowledged (it dropped them: a deactivated home), with their
+    /// original ids, sequence numbers and capture times, so they go again in their original
+    /// order. A row whose id is present is left alone. Returns how many were put back.
+    pub async fn restore(&self, rows: Vec<Row>) -> Result<u64, OutboxError> {
+        self.job(move |w| w.restore(rows)).await
+    }
+
     /// Runs `f` on the writer thread (after the current group commit) and returns its result.
     async fn job<T: Send + 'static>(
         &self,
@@ -1308,6 +1315,41 @@ impl Writer {
         Ok(applied)
     }
 
+    fn restore(&mut self, rows: Vec<Row>) -> Result<u64, OutboxError> {
+        let tx = self.conn.transaction()?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        {
+            let now = now_ms();
+            let mut ins = tx.prepare_cached(
+                "INSERT OR IGNORE INTO outbox (id, device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )?;
+            for r in &rows {
+                let added = ins.execute(params![
+                    r.id,
+                    r.device as i64,
+                    r.kind as i64,
+                    r.key,
+                    r.body,
+                    r.dev_seq as i64,
+                    r.captured.wall_ms,
+                    now,
+                    r.captured.synced,
+                    r.captured.boot_id,
+                    r.captured.mono_ms
+                ])?;
+                if added > 0 {
+                    n += 1;
+                    bytes += (r.body.len() + r.key.len()) as u64 + ROW_OVERHEAD;
+                }
+            }
+        }
+        tx.commit()?;
+        self.stats.pending_rows.fetch_add(n, Relaxed);
+        self.stats.pending_bytes.fetch_add(bytes, Relaxed);
+        Ok(n)
+    }
+
     fn fetch(&mut self, device: u64, after: i64, limit: usize) -> Result<Vec<Row>, OutboxError> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, kind, key, body, dev_seq, captured_at, synced, boot_id, mono_ms FROM outbox
@@ -1496,6 +1538,42 @@ mod tests {
         assert_eq!(r.dead_letters[0].reason, "400 INVALID_INPUT");
         let missing = inspect(&dir.path().join("nope"), 10).unwrap_err();
         assert!(missing.to_string().contains("hub.db"), "{missing}");
+    }
+
+    #[tokio::test]
+    async fn restored_rows_take_their_old_places_and_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ob, _th) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
+        for n in 0..5 {
+            ob.append(rec(5, n)).await.unwrap();
+        }
+        let all = ob.fetch(5, 0, 10).await.unwrap();
+        for r in &all[..3] {
+            ob.ack(r.id).await;
+        }
+        // A job runs after the pending acks' commit.
+        assert_eq!(ob.fetch(5, 0, 10).await.unwrap().len(), 2);
+        let rows_before = ob.stats().pending_rows.load(Relaxed);
+        // Put back the first two, and one still present (left alone).
+        let back = vec![all[0].clone(), all[1].clone(), all[4].clone()];
+        assert_eq!(ob.restore(back).await.unwrap(), 2);
+        assert_eq!(ob.stats().pending_rows.load(Relaxed), rows_before + 2);
+        let now = ob.fetch(5, 0, 10).await.unwrap();
+        let expect: Vec<Row> = vec![
+            all[0].clone(),
+            all[1].clone(),
+            all[3].clone(),
+            all[4].clone(),
+        ];
+        assert_eq!(
+            now, expect,
+            "same ids, sequence numbers and capture, in order"
+        );
+        // New appends keep numbering after the highest.
+        ob.append(rec(5, 9)).await.unwrap();
+        let last = ob.fetch(5, all[4].id, 10).await.unwrap();
+        assert_eq!(last[0].dev_seq, all[4].dev_seq + 1);
+        assert!(last[0].id > all[4].id);
     }
 
     #[tokio::test]

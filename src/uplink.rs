@@ -27,7 +27,7 @@ use crate::pacing::{Class, DevicePaceStatus, DevicePacer, Pacer};
 use crate::registry::{Device, DeviceId};
 use crate::Hub;
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -148,6 +148,12 @@ fn unix_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Most acknowledged rows remembered per device (see `DeviceUplink::retain_acked`).
+const RECENT_MAX: usize = 4096;
+
+/// Rows MODE acknowledged recently, with when (unix ms), oldest first.
+type Recent = VecDeque<(i64, Row)>;
+
 /// How long a refused device waits before trying its credentials again.
 const PARKED_RETRY: Duration = Duration::from_secs(600);
 /// A session that stayed up this long resets the backoff.
@@ -170,6 +176,10 @@ pub struct DeviceUplink {
     pub homes: Arc<Homes>,
     /// How long a device waits after a refusal before trying again.
     pub refusal_retry: Duration,
+    /// How long rows MODE acknowledged are remembered (in memory), so that those acknowledged
+    /// after the home's last "active" read can be sent again if the home turns out to be
+    /// deactivated (MODE acknowledges and drops such messages). Zero: not remembered.
+    pub retain_acked: Duration,
     pub status: Arc<UplinkStatus>,
 }
 
@@ -210,6 +220,7 @@ impl DeviceUplink {
     /// Runs until shutdown.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut recent = Recent::new();
         // Spread the first connects of many devices a little.
         self.sleep(Duration::from_millis(fastrand::u64(0..200)))
             .await;
@@ -225,7 +236,7 @@ impl DeviceUplink {
                     tracing::info!(device = %self.device.name, mode_id = self.device.mode_id, "upstream session up");
                     self.set_state(SessionState::Up);
                     let started = tokio::time::Instant::now();
-                    let ended = self.pump(session).await;
+                    let ended = self.pump(session, &mut recent).await;
                     self.pace.set_replaying(false, self.pacer.stats());
                     if *self.shutdown.borrow() {
                         break;
@@ -285,7 +296,15 @@ impl DeviceUplink {
     }
 
     /// Sends rows and handles answers until the session ends; says why it ended.
-    async fn pump(&mut self, mut session: Session) -> Ended {
+    async fn pump(&mut self, mut session: Session, recent: &mut Recent) -> Ended {
+        // Only a watched home can turn out deactivated after the fact.
+        let retain = if self.device.home_id.is_some() && self.homes.watched() {
+            self.retain_acked
+        } else {
+            Duration::ZERO
+        };
+        // Rows sent and not yet acknowledged, kept only while `retain` is on.
+        let mut sent: HashMap<i64, Row> = HashMap::new();
         let window = session.window(&self.session);
         if let Some(reload) = session.take_initial_kv() {
             let (done, applied) = tokio::sync::oneshot::channel();
@@ -348,13 +367,31 @@ impl DeviceUplink {
                             session.close().await;
                             return Ended { reason: e, remote: false };
                         }
+                        if !retain.is_zero() {
+                            sent.insert(row.id, row);
+                        }
                     }
                 }
                 ev = session.next() => match ev {
                     SessionEvent::Acked(id) => {
+                        let row = sent.remove(&id);
+                        if home_held {
+                            // Sent before the hold: MODE acknowledges a deactivated home's
+                            // messages and drops them. The row stays to be sent again.
+                            self.metrics.requeued_deactivated.fetch_add(1, Relaxed);
+                            continue;
+                        }
                         self.metrics.delivered.fetch_add(1, Relaxed);
                         self.pace.acked();
                         self.outbox.ack(id).await;
+                        if let Some(row) = row {
+                            let now = unix_ms();
+                            recent.push_back((now, row));
+                            let old = now - retain.as_millis() as i64;
+                            while recent.len() > RECENT_MAX || recent.front().is_some_and(|(t, _)| *t < old) {
+                                recent.pop_front();
+                            }
+                        }
                         // A full window may have left rows behind.
                         more = true;
                     }
@@ -404,6 +441,14 @@ impl DeviceUplink {
                         home = self.homes.held(None);
                     }
                     let now_held = *home.borrow_and_update();
+                    if !home_held && now_held {
+                        self.requeue_dropped(recent).await;
+                        // Start again from the oldest row when the home is back (put-back rows
+                        // and rows acknowledged during the hold are behind the cursor).
+                        cursor = 0;
+                        ready.clear();
+                        permit = None;
+                    }
                     if home_held && !now_held {
                         tracing::info!(device = %self.device.name, "home active: sending held messages in order");
                         // A refusal was probably the deactivation: try again at once.
@@ -418,6 +463,34 @@ impl DeviceUplink {
                     session.close().await;
                     return Ended { reason: "hub stopping".into(), remote: false };
                 }
+            }
+        }
+    }
+
+    /// The home turned out deactivated: MODE dropped what it acknowledged since the home was
+    /// last seen active. Put those rows back in the outbox (original order and numbers).
+    async fn requeue_dropped(&self, recent: &mut Recent) {
+        let since = self
+            .device
+            .home_id
+            .and_then(|h| self.homes.active_asked_ms(h))
+            .unwrap_or(i64::MIN);
+        let back: Vec<Row> = recent
+            .drain(..)
+            .filter(|(t, _)| *t >= since)
+            .map(|(_, r)| r)
+            .collect();
+        if back.is_empty() {
+            return;
+        }
+        match self.outbox.restore(back).await {
+            Ok(n) => {
+                self.metrics.requeued_deactivated.fetch_add(n, Relaxed);
+                tracing::warn!(device = %self.device.name, messages = n,
+                    "home found deactivated: messages MODE acknowledged since it was last seen active were dropped by MODE; they are back in the outbox and go again when the home is active");
+            }
+            Err(e) => {
+                tracing::error!(device = %self.device.name, error = %e, "cannot put back messages MODE dropped for a deactivated home; they are lost");
             }
         }
     }

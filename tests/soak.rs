@@ -265,7 +265,11 @@ async fn soak_mixed_faults_lose_nothing() {
                     "soak: {} home {home} deactivated after waiting {:.1} s for quiet ({})",
                     wall(),
                     waited.elapsed().as_secs_f64(),
-                    if quiet { "quiet" } else { "GAVE UP: backlog left" }
+                    if quiet {
+                        "quiet"
+                    } else {
+                        "GAVE UP: backlog left"
+                    }
                 );
                 h.set_home_deactivated(home, true);
                 hb.homes().poke();
@@ -373,8 +377,7 @@ async fn soak_mixed_faults_lose_nothing() {
             .into_iter()
             .filter_map(|e| Some((e.event_data["n"].as_u64()?, e.timestamp)))
             .collect();
-        let (by_mode, lost): (Vec<u64>, Vec<u64>) =
-            m.iter().partition(|n| dropped.contains_key(n));
+        let (by_mode, lost): (Vec<u64>, Vec<u64>) = m.iter().partition(|n| dropped.contains_key(n));
         if !by_mode.is_empty() {
             let when: Vec<String> = by_mode
                 .iter()

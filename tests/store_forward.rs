@@ -14,7 +14,7 @@ use modehub::uplink::Hold;
 use modehub::{Hub, StartOptions};
 use rumqttc::{Packet, QoS};
 use std::path::Path;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{self, Relaxed};
 use std::time::Duration;
 
 /// Pacing out of the way, for tests that are about something else.
@@ -151,6 +151,71 @@ async fn deactivated_home_is_held_and_released_in_order_while_the_other_home_flo
     })
     .await;
     assert_eq!(home_state(&hub, 42), HomeState::Active);
+    hub.shutdown().await;
+}
+
+/// MODE acknowledges and drops a deactivated home's MQTT events. What the hub sent between the
+/// deactivation and the moment its watcher saw it is put back and sent again once the home is
+/// active: nothing is lost, and a repeat carries its original `_seq` (detectable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_mode_dropped_before_the_hub_saw_the_deactivation_are_sent_again() {
+    let emu = emulator(1).await;
+    let h = emu.handle();
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = format!("{}{FAST}", project_key(dir.path()));
+    let hub = Hub::start(config(&emu, dir.path(), 1, &cloud, ""))
+        .await
+        .unwrap();
+    until("home active", Duration::from_secs(10), || {
+        home_state(&hub, 42) == HomeState::Active
+    })
+    .await;
+    let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
+    s0.publish_all("/devices/dev0/event", (0..10).map(event_json).collect())
+        .await;
+    wait_events(&h, device_id(0), 10).await;
+
+    // Deactivated behind the hub's back: the next events are acknowledged and dropped.
+    h.set_home_deactivated(42, true);
+    s0.publish_all("/devices/dev0/event", (10..20).map(event_json).collect())
+        .await;
+    until("MODE to drop them", Duration::from_secs(10), || {
+        h.dropped_events(device_id(0)).len() == 10
+    })
+    .await;
+    assert_eq!(home_state(&hub, 42), HomeState::Active, "not seen yet");
+    hub.homes().poke(); // (the periodic read would find it within home_poll_interval_secs)
+    until("the watcher to see it", Duration::from_secs(15), || {
+        home_state(&hub, 42) == HomeState::Deactivated
+    })
+    .await;
+    until(
+        "the dropped rows back in the outbox",
+        Duration::from_secs(10),
+        || hub.metrics().requeued_deactivated.load(Ordering::Relaxed) >= 10,
+    )
+    .await;
+    s0.publish_all("/devices/dev0/event", (20..25).map(event_json).collect())
+        .await;
+
+    h.set_home_deactivated(42, false);
+    hub.homes().poke();
+    let got = wait_events(&h, device_id(0), 25).await;
+    let (firsts, dups) = first_arrivals(&ns(&got));
+    assert_eq!(firsts, (0..25).collect::<Vec<_>>(), "all, in order");
+    // Repeats are only of what MODE may have dropped (sent since the last "active" read), and
+    // each repeat carries its original sequence number.
+    assert!(dups <= 10, "{dups} repeats");
+    let mut seq_of = std::collections::HashMap::new();
+    for e in &got {
+        let n = e.event_data["n"].as_u64().unwrap();
+        let seq = e.event_data["_seq"].as_u64().unwrap();
+        assert_eq!(
+            *seq_of.entry(n).or_insert(seq),
+            seq,
+            "a repeat keeps its _seq"
+        );
+    }
     hub.shutdown().await;
 }
 

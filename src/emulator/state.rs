@@ -685,7 +685,11 @@ impl State {
         };
         let deactivated = self.device_home_deactivated(device_id);
         let ev = RecordedEvent {
-            seq: if deactivated { 0 } else { self.next_event_seq + 1 },
+            seq: if deactivated {
+                0
+            } else {
+                self.next_event_seq + 1
+            },
             device_id,
             home_id,
             event_type,

@@ -97,6 +97,12 @@ pub async fn render(ctx: &OpsContext) -> String {
         m.upstream_connects.load(Relaxed),
     );
     o.single(
+        "modehub_requeued_after_deactivation_total",
+        "counter",
+        "Messages MODE acknowledged while their home was (found later to be) deactivated, put back to be sent again.",
+        m.requeued_deactivated.load(Relaxed),
+    );
+    o.single(
         "modehub_upstream_connect_failures_total",
         "counter",
         "Upstream connect attempts that failed.",

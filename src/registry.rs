@@ -129,6 +129,12 @@ impl Registry {
         changes.retired = (0..self.devices.len())
             .filter(|&id| self.live[id] && !live[id])
             .collect();
+        // A retired slot keeps its name and MODE ID (for logs and stale messages), not its
+        // secrets.
+        for &id in &changes.retired {
+            devices[id].api_key = Secret::new("");
+            devices[id].local_password = None;
+        }
         (Registry::with_slots(devices, live), changes)
     }
 
@@ -320,7 +326,8 @@ api_key = "k13"
         assert_eq!(n.lookup("12").unwrap().id, 2);
         assert_eq!(n.lookup("shed").unwrap().id, 3);
         assert!(!n.is_live(1) && n.is_live(2));
-        assert_eq!(n.get(1).api_key, Secret::new("k12"), "retired slot kept");
+        assert_eq!(n.get(1).mode_id, 12, "retired slot kept");
+        assert_eq!(n.get(1).api_key, Secret::new(""), "without its key");
         assert_eq!(n.len(), 4);
         assert_eq!(n.live_count(), 3);
         assert_eq!(

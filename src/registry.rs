@@ -265,23 +265,13 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    const PORCH: &str =
+        "[[device]]\nname = \"porch\"\nmode_id = 11\napi_key = \"k11\"\nlocal_password = \"pw\"\n";
+
     fn reg() -> Registry {
-        let cfg = Config::parse(
-            r#"
-[[device]]
-name = "porch"
-mode_id = 11
-api_key = "k11"
-local_password = "pw"
-[[device]]
-name = "garage"
-mode_id = 12
-api_key = "k12"
-"#,
-            Path::new("."),
-        )
-        .unwrap();
-        Registry::from_config(&cfg)
+        let text =
+            format!("{PORCH}[[device]]\nname = \"garage\"\nmode_id = 12\napi_key = \"k12\"\n");
+        Registry::from_config(&Config::parse(&text, Path::new(".")).unwrap())
     }
 
     #[test]
@@ -298,14 +288,9 @@ api_key = "k12"
     #[test]
     fn reconcile_keeps_unchanged_slots_and_never_reuses_one() {
         let r = reg();
-        let cfg = Config::parse(
-            r#"
-[[device]]
-name = "porch"
-mode_id = 11
-api_key = "k11"
-local_password = "pw"
-[[device]]
+        let text = format!(
+            "{PORCH}{}",
+            r#"[[device]]
 name = "garage"
 mode_id = 12
 api_key = "new key"
@@ -313,10 +298,9 @@ api_key = "new key"
 name = "shed"
 mode_id = 13
 api_key = "k13"
-"#,
-            Path::new("."),
-        )
-        .unwrap();
+"#
+        );
+        let cfg = Config::parse(&text, Path::new(".")).unwrap();
         let (n, ch) = r.reconcile(&cfg);
         // porch unchanged keeps 0; garage changed: slot 1 retired, new slot 2; shed new: 3.
         assert_eq!(ch.retired, vec![1]);

@@ -90,9 +90,10 @@ pub struct Homes {
     holds: Mutex<HashMap<u64, watch::Sender<bool>>>,
     /// For devices without a (known) home: never held.
     never: watch::Sender<bool>,
-    /// Per home: when the last read that found it active was *asked* (unix ms). MODE may have
-    /// deactivated it any time after that, so what MODE acknowledged since is suspect.
-    active_asked: Mutex<HashMap<u64, i64>>,
+    /// Per home: when the last read that found it active was *asked* (monotonic, so a clock
+    /// set at boot cannot move it). MODE may have deactivated the home any time after that, so
+    /// what MODE acknowledged since is suspect.
+    active_asked: Mutex<HashMap<u64, std::time::Instant>>,
     poke: Notify,
 }
 
@@ -204,8 +205,8 @@ impl Homes {
             .collect()
     }
 
-    /// When the last read that found `home` active was asked (unix ms); `None` if none did.
-    pub fn active_asked_ms(&self, home: u64) -> Option<i64> {
+    /// When the last read that found `home` active was asked; `None` if none did.
+    pub fn active_asked(&self, home: u64) -> Option<std::time::Instant> {
         self.active_asked
             .lock()
             .expect("homes lock")
@@ -213,13 +214,18 @@ impl Homes {
             .copied()
     }
 
-    /// Records the answer of one read of `home` (`Ok(deactivated)`) asked at `asked_ms`.
-    pub fn record_read(&self, home: u64, asked_ms: i64, answer: Result<bool, &HomeError>) {
+    /// Records the answer of one read of `home` (`Ok(deactivated)`) asked at `asked`.
+    pub fn record_read(
+        &self,
+        home: u64,
+        asked: std::time::Instant,
+        answer: Result<bool, &HomeError>,
+    ) {
         if matches!(answer, Ok(false)) {
             self.active_asked
                 .lock()
                 .expect("homes lock")
-                .insert(home, asked_ms);
+                .insert(home, asked);
         }
         self.record(home, answer);
     }
@@ -298,7 +304,7 @@ pub async fn run(
     };
     loop {
         for home in homes.home_ids() {
-            let asked = now_ms();
+            let asked = std::time::Instant::now();
             let answer = tokio::select! {
                 a = crate::mode::homes::home_deactivated(&api_url, &key, home) => a,
                 _ = shutdown.changed() => return,

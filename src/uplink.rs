@@ -151,8 +151,8 @@ fn unix_ms() -> i64 {
 /// Most acknowledged rows remembered per device (see `DeviceUplink::retain_acked`).
 const RECENT_MAX: usize = 4096;
 
-/// Rows MODE acknowledged recently, with when (unix ms), oldest first.
-type Recent = VecDeque<(i64, Row)>;
+/// Rows MODE acknowledged recently, with when (monotonic), oldest first.
+type Recent = VecDeque<(std::time::Instant, Row)>;
 
 /// How long a refused device waits before trying its credentials again.
 const PARKED_RETRY: Duration = Duration::from_secs(600);
@@ -385,10 +385,11 @@ impl DeviceUplink {
                         self.pace.acked();
                         self.outbox.ack(id).await;
                         if let Some(row) = row {
-                            let now = unix_ms();
+                            let now = std::time::Instant::now();
                             recent.push_back((now, row));
-                            let old = now - retain.as_millis() as i64;
-                            while recent.len() > RECENT_MAX || recent.front().is_some_and(|(t, _)| *t < old) {
+                            while recent.len() > RECENT_MAX
+                                || recent.front().is_some_and(|(t, _)| now.duration_since(*t) > retain)
+                            {
                                 recent.pop_front();
                             }
                         }
@@ -470,14 +471,10 @@ impl DeviceUplink {
     /// The home turned out deactivated: MODE dropped what it acknowledged since the home was
     /// last seen active. Put those rows back in the outbox (original order and numbers).
     async fn requeue_dropped(&self, recent: &mut Recent) {
-        let since = self
-            .device
-            .home_id
-            .and_then(|h| self.homes.active_asked_ms(h))
-            .unwrap_or(i64::MIN);
+        let since = self.device.home_id.and_then(|h| self.homes.active_asked(h));
         let back: Vec<Row> = recent
             .drain(..)
-            .filter(|(t, _)| *t >= since)
+            .filter(|(t, _)| since.is_none_or(|s| *t >= s))
             .map(|(_, r)| r)
             .collect();
         if back.is_empty() {

@@ -3,7 +3,8 @@
 //! Data flows one way each direction:
 //! adapters ([`broker`]) -> [`router`] -> [`outbox`] (SQLite) -> [`uplink`] -> MODE, and
 //! MODE -> [`uplink`] sessions -> [`downlink`] -> adapters. [`Hub::start`] wires the parts for a
-//! validated [`config::Config`] and returns a handle; dropping the handle's shutdown stops it.
+//! validated [`config::Config`] and returns a handle; [`Hub::reload`] puts a new device table
+//! and serial port list in force (SIGHUP) and [`Hub::shutdown`] stops it.
 //! MODE's wire format lives in [`mode`], SQL in [`outbox`], and the cloud stand-in used by tests,
 //! benchmarks and the demo in [`emulator`].
 

@@ -46,7 +46,7 @@ pub struct DeviceView {
     pub registry: Arc<Registry>,
     pub sessions: Vec<watch::Receiver<SessionState>>,
     pub uplinks: Vec<Arc<UplinkStatus>>,
-    /// "mqtt" or "serial <port>".
+    /// `mqtt` or `serial <port>`.
     pub transports: Vec<String>,
 }
 
@@ -226,7 +226,7 @@ pub struct StartOptions {
     pub clock: Option<Clock>,
 }
 
-/// "mqtt" or "serial <port>" for each slot of `registry`.
+/// `mqtt` or `serial <port>`.for each slot of `registry`.
 fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
     (0..registry.len())
         .map(|id| {

@@ -236,10 +236,10 @@ pub struct DeviceStatus {
     pub name: String,
     pub mode_id: u64,
     pub home_id: Option<u64>,
-    /// "mqtt" or "serial <port>".
+    /// `mqtt` or `serial <port>`.
     pub transport: String,
     pub local_connections: usize,
-    /// "up", "connecting", "down: <why>", "refused: <why>".
+    /// `up`, `connecting`, `down: <why>`, `refused: <why>`.
     pub upstream: String,
     /// "active", "deactivated" or "unknown" (until a home watcher feeds it).
     pub home_state: String,
@@ -345,7 +345,7 @@ impl OpsContext {
     pub fn local_connections(&self, dev: usize) -> usize {
         self.presence.connections(dev)
     }
-    /// "mqtt" or "serial <port>".
+    /// `mqtt` or `serial <port>`.
     pub fn transport(&self, dev: usize) -> String {
         self.view()
             .transports

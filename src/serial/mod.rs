@@ -3,7 +3,7 @@
 //!
 //! A port task opens its device with tokio-serial (retrying with jittered backoff while it is
 //! missing, busy or forbidden, and saying how to fix it), announces its devices to the downlink
-//! as connected, reads bounded lines ([`frame`]), parses them ([`line`]), hands events and kv
+//! as connected, reads bounded lines ([`frame`]), parses them ([`line`](mod@line)), hands events and kv
 //! changes to the router, and answers numbered lines with `OK <n>` only once the outbox has
 //! committed them (`ERR <n> <reason>` otherwise). One writer per open port writes acks,
 //! commands and DDP changes as whole lines from bounded queues, so a sensor that stops reading

@@ -1110,61 +1110,55 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
     let _ = writeln!(s, "\n### Ceilings (same load, same disk)\n");
     let _ = writeln!(s, "| figure | modehub | ceiling | modehub / ceiling |");
     let _ = writeln!(s, "|---|---:|---:|---:|");
-    let hi = res.med(hub, "ingest_per_s");
-    let r = res.med("rumqttd", "ingest_per_s");
-    let o = res.med("outbox", "ingest_per_s");
-    let _ = writeln!(
-        s,
-        "| local ingest vs rumqttd alone, PUBACKs/s | {} | {} | {} |",
-        fmt_num(hi),
-        fmt_num(r),
-        ratio(hi, r)
-    );
-    let _ = writeln!(
-        s,
-        "| local ingest vs outbox append alone, rows/s | {} | {} | {} |",
-        fmt_num(hi),
-        fmt_num(o),
-        ratio(hi, o)
-    );
-    let he = res.med(hub, "e2e_per_s");
-    let _ = writeln!(
-        s,
-        "| end-to-end vs outbox append alone | {} | {} | {} |",
-        fmt_num(he),
-        fmt_num(o),
-        ratio(he, o)
-    );
-    let _ = writeln!(
-        s,
-        "| RSS idle vs rumqttd alone, MB | {} | {} | {} |",
-        fmt_num(res.med(hub, "rss_idle_mb")),
-        fmt_num(res.med("rumqttd", "rss_idle_mb")),
-        ratio(
-            res.med(hub, "rss_idle_mb"),
-            res.med("rumqttd", "rss_idle_mb")
-        )
-    );
-    let _ = writeln!(
-        s,
-        "| CPU s per 100k vs rumqttd alone | {} | {} | {} |",
-        fmt_num(res.med(hub, "cpu_per_100k")),
-        fmt_num(res.med("rumqttd", "cpu_per_100k")),
-        ratio(
-            res.med(hub, "cpu_per_100k"),
-            res.med("rumqttd", "cpu_per_100k")
-        )
-    );
-    let _ = writeln!(
-        s,
-        "| disk bytes per event vs outbox alone | {} | {} | {} |",
-        fmt_num(res.med(hub, "disk_per_event")),
-        fmt_num(res.med("outbox", "disk_per_event")),
-        ratio(
-            res.med(hub, "disk_per_event"),
-            res.med("outbox", "disk_per_event")
-        )
-    );
+    // (figure, modehub's key, ceiling run, ceiling's key)
+    let ceilings = [
+        (
+            "local ingest vs rumqttd alone, PUBACKs/s",
+            "ingest_per_s",
+            "rumqttd",
+            "ingest_per_s",
+        ),
+        (
+            "local ingest vs outbox append alone, rows/s",
+            "ingest_per_s",
+            "outbox",
+            "ingest_per_s",
+        ),
+        (
+            "end-to-end vs outbox append alone",
+            "e2e_per_s",
+            "outbox",
+            "ingest_per_s",
+        ),
+        (
+            "RSS idle vs rumqttd alone, MB",
+            "rss_idle_mb",
+            "rumqttd",
+            "rss_idle_mb",
+        ),
+        (
+            "CPU s per 100k vs rumqttd alone",
+            "cpu_per_100k",
+            "rumqttd",
+            "cpu_per_100k",
+        ),
+        (
+            "disk bytes per event vs outbox alone",
+            "disk_per_event",
+            "outbox",
+            "disk_per_event",
+        ),
+    ];
+    for (label, key, run, ceiling_key) in ceilings {
+        let (a, c) = (res.med(hub, key), res.med(run, ceiling_key));
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} |",
+            fmt_num(a),
+            fmt_num(c),
+            ratio(a, c)
+        );
+    }
     let _ = writeln!(
         s,
         "\noutbox alone: {} rows per commit (median).",
@@ -1174,6 +1168,7 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
     let _ = writeln!(s, "\n### modehub with more configured devices (one upstream session each; {} publishing sensors)\n", plan.sensors);
     let _ = writeln!(s, "| devices | startup s | RSS idle, no clients MB | RSS idle MB | RSS peak MB | ingest/s | e2e/s | p99 ms | ingest vs {} devices |", plan.sensors);
     let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let hi = res.med(hub, "ingest_per_s");
     let mut rows = vec![(plan.sensors, hub.to_string())];
     for d in scale {
         rows.push((*d, format!("modehub-{d}")));

@@ -62,14 +62,9 @@ async fn order_is_kept_for_1000_events_from_one_device() {
     let emu = emulator(1).await;
     let dir = tempfile::tempdir().unwrap();
     // Pacing raised out of the way (the default, 540 a minute, would take two minutes).
-    let text = hub_config_text(
-        &emu,
-        dir.path(),
-        1,
-        "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000",
-    );
-    let cfg = modehub::config::Config::parse(&text, dir.path()).unwrap();
-    let hub = Hub::start(cfg).await.unwrap();
+    let hub = Hub::start(unpaced_hub_config(&emu, dir.path(), 1))
+        .await
+        .unwrap();
     let mut s = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     s.publish_all("/devices/dev0/event", (0..1000).map(event_json).collect())
         .await;
@@ -240,14 +235,9 @@ async fn events_published_while_cloud_is_down_arrive_in_order_after() {
     let emu = emulator(2).await;
     let dir = tempfile::tempdir().unwrap();
     // Pacing raised out of the way (replay pacing is tested in tests/store_forward.rs).
-    let text = hub_config_text(
-        &emu,
-        dir.path(),
-        2,
-        "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000",
-    );
-    let cfg = modehub::config::Config::parse(&text, dir.path()).unwrap();
-    let hub = Hub::start(cfg).await.unwrap();
+    let hub = Hub::start(unpaced_hub_config(&emu, dir.path(), 2))
+        .await
+        .unwrap();
     let mut s0 = Sensor::connect(hub.local_addr(), "dev0", "pw0").await;
     s0.publish_all("/devices/dev0/event", vec![event_json(0)])
         .await;

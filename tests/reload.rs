@@ -15,11 +15,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 fn config(emu: &modehub::emulator::Emulator, dir: &Path, tables: &[String]) -> Config {
-    // Pacing out of the way (it is tested in tests/store_forward.rs).
-    let pacing = "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000";
     let text = format!(
         "{}{}",
-        hub_config_text(emu, dir, 0, pacing),
+        hub_config_text(emu, dir, 0, NO_PACING),
         tables.concat()
     );
     Config::parse(&text, dir).unwrap()

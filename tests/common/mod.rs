@@ -72,6 +72,16 @@ pub fn device_table(i: usize, password: &str) -> String {
     )
 }
 
+/// `[cloud]` lines that raise the hub's pacing out of the way, for tests about something else
+/// (pacing itself is tested in tests/store_forward.rs).
+pub const NO_PACING: &str =
+    "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000\n";
+
+/// [`hub_config`] with pacing out of the way ([`NO_PACING`]).
+pub fn unpaced_hub_config(emu: &Emulator, data_dir: &Path, n: usize) -> Config {
+    Config::parse(&hub_config_text(emu, data_dir, n, NO_PACING), data_dir).unwrap()
+}
+
 pub fn hub_config(emu: &Emulator, data_dir: &Path, n: usize) -> Config {
     Config::parse(&hub_config_text(emu, data_dir, n, ""), data_dir).unwrap()
 }

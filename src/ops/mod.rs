@@ -345,15 +345,6 @@ impl OpsContext {
     pub fn local_connections(&self, dev: usize) -> usize {
         self.presence.connections(dev)
     }
-    /// `mqtt` or `serial <port>`.
-    pub fn transport(&self, dev: usize) -> String {
-        self.view()
-            .transports
-            .get(dev)
-            .cloned()
-            .unwrap_or_else(|| "mqtt".into())
-    }
-
     /// The state of a device's home from the home watcher: "active", "deactivated",
     /// "unknown", or "-" for a device configured without a home.
     pub fn home_state(&self, device: &Device) -> &'static str {

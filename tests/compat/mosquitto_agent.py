@@ -26,6 +26,8 @@ def say(*words):
         print(*words, flush=True)
 
 
+# The tools print with stdio, block-buffered into a pipe: stdbuf makes it a line at a time.
+LINE_BUFFERED = ["stdbuf", "-oL"]
 common = ["-h", host, "-p", port, "-u", user, "-P", password, "-k", keepalive, "-d", "-V", "mqttv311"]
 CONNACK = re.compile(r"received CONNACK \((\d+)\)")
 SENDING = re.compile(r"sending PUBLISH \(d(\d), q(\d), r\d, m(\d+),")
@@ -40,7 +42,7 @@ class Publisher:
         self.by_mid = {}  # mid -> payload, QoS 1 not yet acknowledged
         self.lock = threading.Lock()
         self.p = subprocess.Popen(
-            ["mosquitto_pub", *common, "-i", f"{client_id}-p{n}", "-q", str(qos), "-t", topic, "-l"],
+            [*LINE_BUFFERED, "mosquitto_pub", *common, "-i", f"{client_id}-p{n}", "-q", str(qos), "-t", topic, "-l"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
         threading.Thread(target=self.read, args=(primary,), daemon=True).start()
@@ -91,7 +93,7 @@ class Publisher:
 class Subscriber:
     def __init__(self, n, topic):
         self.p = subprocess.Popen(
-            ["mosquitto_sub", *common, "-i", f"{client_id}-s{n}", "-q", "1", "-t", topic, "-F", "msg %t %p"],
+            [*LINE_BUFFERED, "mosquitto_sub", *common, "-i", f"{client_id}-s{n}", "-q", "1", "-t", topic, "-F", "msg %t %p"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         )
         threading.Thread(target=self.read, daemon=True).start()

@@ -191,6 +191,9 @@ async fn hold(mut stream: TcpStream, stop: &AtomicBool) {
     }
 }
 
+/// One `/healthz` probe: how long it took and its status line.
+type Probe = (Duration, Result<String, String>);
+
 /// What the attackers did (for the summary).
 #[derive(Default)]
 struct Tally {
@@ -396,7 +399,7 @@ async fn a_hammered_hub_keeps_its_good_sensor_memory_and_health() {
 
     // Memory and health, sampled while everything runs.
     let peak = Arc::new(AtomicU64::new(rss_start));
-    let health: Arc<Mutex<Vec<(Duration, Result<String, String>)>>> = Default::default();
+    let health: Arc<Mutex<Vec<Probe>>> = Default::default();
     let watcher = {
         let (stop, peak, health) = (stop.clone(), peak.clone(), health.clone());
         let (pid, ops) = (hub.child.id(), hub.ops);

@@ -15,18 +15,19 @@ pub mod frame;
 pub mod line;
 
 use crate::config::{FlowControl, Parity, SerialConfig};
-use crate::downlink::{next_conn_id, ConnId, DownMsg, LocalEvent};
+use crate::local::{next_conn_id, ConnId, DeviceId, DownMsg, LocalEvent, TopicKind};
+pub use crate::metrics::SerialStats;
 use crate::metrics::Metrics;
-use crate::outbox::CommitWaiter;
-use crate::registry::{DeviceId, Registry, TopicKind};
-use crate::router::Router;
+use crate::registry::Registry;
+use crate::router::{CommitWaiter, Router};
+use crate::timing::Backoff;
 use frame::{Frame, LineFramer};
 use line::{LineError, LineFault, Up, UpLine};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,64 +51,15 @@ pub struct PortContext {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Serial counters, hub-wide (all ports). Rendered by ops as `modehub_serial_*`.
-#[derive(Debug, Default)]
-pub struct SerialStats {
-    /// Lines the router accepted (events and kv changes).
-    pub lines_ok: AtomicU64,
-    /// Lines dropped, by reason.
-    pub bad_utf8: AtomicU64,
-    pub too_long: AtomicU64,
-    pub bad_checksum: AtomicU64,
-    pub missing_checksum: AtomicU64,
-    pub parse_error: AtomicU64,
-    pub unknown_device: AtomicU64,
-    /// Refused by the router (counted there too, by its reason).
-    pub rejected: AtomicU64,
-    /// Resends of a number already committed or in flight (answered, not stored again).
-    pub duplicate: AtomicU64,
-    /// Lines or acks dropped because a port's write queue was full (a sensor not reading).
-    pub write_queue_full: AtomicU64,
-    /// Downlink messages that could not be turned into lines.
-    pub down_bad_payload: AtomicU64,
-    /// Downlink messages dequeued but not written because the port was lost.
-    pub write_failed: AtomicU64,
-    /// Lines written to ports (acks, commands, DDP).
-    pub lines_written: AtomicU64,
-    pub acks_ok: AtomicU64,
-    pub acks_err: AtomicU64,
-    pub port_opens: AtomicU64,
-    pub port_open_failures: AtomicU64,
-    pub port_lost: AtomicU64,
-    /// Ports open right now.
-    pub ports_open: AtomicU64,
-}
-
-impl SerialStats {
-    /// `(reason, count)` of every dropped-line reason, for rendering.
-    pub fn dropped(&self) -> [(&'static str, u64); 9] {
-        [
-            ("bad_utf8", self.bad_utf8.load(Relaxed)),
-            ("too_long", self.too_long.load(Relaxed)),
-            ("bad_checksum", self.bad_checksum.load(Relaxed)),
-            ("missing_checksum", self.missing_checksum.load(Relaxed)),
-            ("parse_error", self.parse_error.load(Relaxed)),
-            ("unknown_device", self.unknown_device.load(Relaxed)),
-            ("rejected", self.rejected.load(Relaxed)),
-            ("duplicate", self.duplicate.load(Relaxed)),
-            ("write_queue_full", self.write_queue_full.load(Relaxed)),
-        ]
+/// Counts a dropped line under its reason.
+fn count_fault(stats: &SerialStats, f: LineFault) {
+    match f {
+        LineFault::BadUtf8 => &stats.bad_utf8,
+        LineFault::BadChecksum => &stats.bad_checksum,
+        LineFault::MissingChecksum => &stats.missing_checksum,
+        LineFault::Parse => &stats.parse_error,
     }
-
-    fn fault(&self, f: LineFault) {
-        match f {
-            LineFault::BadUtf8 => &self.bad_utf8,
-            LineFault::BadChecksum => &self.bad_checksum,
-            LineFault::MissingChecksum => &self.missing_checksum,
-            LineFault::Parse => &self.parse_error,
-        }
-        .fetch_add(1, Relaxed);
-    }
+    .fetch_add(1, Relaxed);
 }
 
 /// Offers a message to a port's write queue without waiting (what the downlink should call):
@@ -225,26 +177,6 @@ fn builder(cfg: &SerialConfig) -> tokio_serial::SerialPortBuilder {
         })
 }
 
-/// Jittered exponential backoff.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff { next: BACKOFF_MIN }
-    }
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-    /// The next wait: the current step ±25%, then the step doubles up to the maximum.
-    fn step(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-        base.mul_f64(0.75 + fastrand::f64() * 0.5)
-    }
-}
-
 /// How a session with an open port ended.
 enum End {
     Shutdown,
@@ -284,7 +216,7 @@ pub async fn run_port(ctx: PortContext) {
         let _ = shutdown.wait_for(|s| *s).await;
         return;
     }
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut failures: u64 = 0;
     let mut last_failure: Option<OpenFailure> = None;
     loop {
@@ -340,7 +272,7 @@ pub async fn run_port(ctx: PortContext) {
                 kind == OpenFailure::Missing
             }
         };
-        let delay = backoff.step();
+        let delay = backoff.next_delay();
         let path = &task.cfg.port;
         let sleep = async {
             // Watch the path (a cheap stat) rather than hammering open(): a port that went away
@@ -692,7 +624,7 @@ impl Port {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(LineError { fault, detail, ack }) => {
-                stats.fault(fault);
+                count_fault(stats, fault);
                 self.garbage(fault.label(), &detail, raw);
                 if let Some(n) = ack {
                     self.answer(pending, n, Some(fault.label()));

@@ -7,9 +7,9 @@
 //! Rows are kept in per-device FIFO order (`id` is AUTOINCREMENT, never reused) and leave only
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.
 //!
-//! Files: [`schema`] (tables, migrations, opening and salvaging a corrupt file), [`writer`] (the
-//! writer thread with its group commits and the checkpointer), [`commands`] (commands waiting for
-//! a device), [`kv`] (the mirror of each device's MODE store), [`inspect`] (read-only reports for
+//! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
+//! writer thread with its group commits and the checkpointer), `commands` (commands waiting for
+//! a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports for
 //! the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
 
 mod commands;
@@ -26,7 +26,7 @@ pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxRep
 use schema::{open_db, ROW_OVERHEAD};
 use writer::{Checkpointer, Writer};
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -1,6 +1,8 @@
 //! The outbox's unit tests.
 
+use super::schema::SCHEMA_VERSION;
 use super::*;
+use rusqlite::Connection;
 
 fn rec(device: u64, n: usize) -> NewRecord {
     NewRecord {

@@ -8,8 +8,8 @@
 //! MODE is unreachable. It must not talk to MODE or parse event payloads.
 
 use crate::broker::LocalBroker;
-use crate::local::{DeviceId, KvChange, TopicKind};
 pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
+use crate::local::{DeviceId, KvChange, TopicKind};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::registry::SharedRegistry;

@@ -15,8 +15,8 @@
 //! `mode::homes`; this module must not speak MODE's wire format or SQL.
 
 use crate::config::Secret;
-use crate::timing::now_ms;
 use crate::mode::homes::HomeError;
+use crate::timing::now_ms;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -11,9 +11,10 @@
 pub mod broker;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "emulator")]
 pub mod demo;
 pub mod downlink;
-#[cfg(not(modehub_no_emulator))]
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod homes;
 pub mod local;

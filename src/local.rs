@@ -144,4 +144,3 @@ pub struct KvSnapshot {
     /// (key, raw JSON value), sorted by key.
     pub items: Vec<(String, String)>,
 }
-

@@ -15,7 +15,6 @@ use tokio::sync::watch;
 
 pub use crate::local::{DeviceId, TopicKind};
 
-
 #[derive(Debug, Clone)]
 pub struct Device {
     pub id: DeviceId,

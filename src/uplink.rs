@@ -25,8 +25,8 @@ use crate::mode::{Session, SessionConfig, SessionEvent};
 use crate::outbox::{Outbox, Row};
 use crate::pacing::{Class, DevicePaceStatus, DevicePacer, Pacer};
 use crate::registry::{Device, DeviceId};
-pub use crate::timing::Backoff;
 use crate::timing::now_ms;
+pub use crate::timing::Backoff;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -468,4 +468,3 @@ impl DeviceUplink {
         self.status.set_hold(hold);
     }
 }
-

@@ -13,9 +13,9 @@
 mod model;
 mod problems;
 mod secret;
-mod validate;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 pub use model::*;
 pub use problems::{ConfigError, Problem};

@@ -18,11 +18,11 @@ mod readouts;
 pub mod status;
 
 use crate::config::Config;
-use crate::timing::now_ms;
-pub use crate::presence::Presence;
 use crate::metrics::Metrics;
 use crate::outbox::{DeviceDepth, Outbox};
+pub use crate::presence::Presence;
 use crate::registry::{Device, Registry};
+use crate::timing::now_ms;
 use crate::uplink::SessionState;
 use crate::Hub;
 use serde::{Deserialize, Serialize};

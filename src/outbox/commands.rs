@@ -13,7 +13,6 @@ pub struct TakenCommands {
     pub expired: u64,
 }
 
-
 impl Outbox {
     /// Stores a command for a device that is not listening, keeping at most `max` per device
     /// (the oldest are dropped). Returns how many were dropped.

@@ -118,4 +118,3 @@ pub fn schema_version(path: &Path) -> Result<Option<i64>, OutboxError> {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .optional()?)
 }
-

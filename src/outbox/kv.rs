@@ -7,7 +7,6 @@ use super::{Kind, KvChange, KvSnapshot, Outbox, OutboxError};
 use rusqlite::{params, Connection, OptionalExtension};
 
 impl Outbox {
-
     /// Applies a DDP change from MODE to the device's mirror with MODE's revision rule: nothing
     /// that is not newer than what is held, and no set/delete before the first reload. Returns
     /// whether it changed the mirror.
@@ -131,5 +130,4 @@ impl Writer {
         tx.commit()?;
         Ok(applied)
     }
-
 }

@@ -16,9 +16,9 @@ mod commands;
 mod inspect;
 mod kv;
 mod schema;
-mod writer;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
 pub use commands::TakenCommands;

@@ -3,8 +3,8 @@
 //! deleted). It must not hold the writer's state or answer requests.
 
 use super::{OutboxError, OutboxStats};
-use rusqlite::{params, Connection};
 use crate::timing::now_ms;
+use rusqlite::{params, Connection};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -136,7 +136,11 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), OutboxError>
 /// Opens (creating or migrating) the database. A corrupt file is never deleted nor silently
 /// recreated: it is moved aside, what can still be read is salvaged into a fresh database, and
 /// the event is logged loudly and counted.
-pub(super) fn open_db(path: &Path, sync_full: bool, stats: &OutboxStats) -> Result<Connection, OutboxError> {
+pub(super) fn open_db(
+    path: &Path,
+    sync_full: bool,
+    stats: &OutboxStats,
+) -> Result<Connection, OutboxError> {
     let open_err = |source| OutboxError::Open {
         path: path.to_path_buf(),
         source,
@@ -259,4 +263,3 @@ pub(super) fn free_disk(path: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
-

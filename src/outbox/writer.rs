@@ -429,7 +429,12 @@ impl Writer {
         Ok(n)
     }
 
-    pub(super) fn fetch(&mut self, device: u64, after: i64, limit: usize) -> Result<Vec<Row>, OutboxError> {
+    pub(super) fn fetch(
+        &mut self,
+        device: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, OutboxError> {
         let mut st = self.conn.prepare_cached(
             "SELECT id, kind, key, body, dev_seq, captured_at, synced, boot_id, mono_ms FROM outbox
              WHERE device = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
@@ -481,4 +486,3 @@ pub(super) fn add_signed(a: &AtomicU64, delta: i64) {
         });
     }
 }
-

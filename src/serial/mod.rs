@@ -23,13 +23,14 @@ mod writer;
 
 use crate::config::{FlowControl, Parity, SerialConfig};
 use crate::local::{next_conn_id, ConnId, DeviceId, DownMsg, LocalEvent, TopicKind};
-pub use crate::metrics::SerialStats;
 use crate::metrics::Metrics;
+pub use crate::metrics::SerialStats;
 use crate::registry::Registry;
 use crate::router::{CommitWaiter, Router};
 use crate::timing::Backoff;
 use frame::{Frame, LineFramer};
 use line::{LineError, LineFault, Up, UpLine};
+pub use open::{run_port, OpenFailure};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -41,8 +42,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-pub use open::{run_port, OpenFailure};
-
 
 /// Everything a port task needs.
 pub struct PortContext {

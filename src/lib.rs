@@ -5,8 +5,9 @@
 //! MODE -> [`uplink`] sessions -> [`downlink`] -> adapters. [`Hub::start`] wires the parts for a
 //! validated [`config::Config`] and returns a handle; [`Hub::reload`] puts a new device table
 //! and serial port list in force (SIGHUP) and [`Hub::shutdown`] stops it.
-//! MODE's wire format lives in [`mode`], SQL in [`outbox`], and the cloud stand-in used by tests,
-//! benchmarks and the demo in [`emulator`].
+//! MODE's wire format lives in [`mode`], SQL in [`outbox`], the messages that cross layers in
+//! [`local`], and the cloud stand-in used by tests, benchmarks and the demo in `emulator` (Cargo
+//! feature `emulator`, on by default).
 
 pub mod broker;
 pub mod clock;

@@ -22,7 +22,7 @@ mod relay;
 pub use guard::{FrontLimits, FrontStats};
 
 use crate::config::LocalMqttConfig;
-use crate::downlink::LocalEvent;
+use crate::local::LocalEvent;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceId, Registry, SharedRegistry};
 use crate::router::Router;

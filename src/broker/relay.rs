@@ -9,7 +9,7 @@
 
 use super::guard::{authenticate, clean, Slot, LOG_FIELD_MAX};
 use super::{Front, Session};
-use crate::downlink::{next_conn_id, LocalEvent};
+use crate::local::{next_conn_id, LocalEvent};
 use crate::metrics::RejectReason;
 use crate::registry::{DeviceId, Registry, TopicKind};
 use bytes::BytesMut;

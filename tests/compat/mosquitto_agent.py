@@ -1,5 +1,5 @@
 """The Mosquitto command-line clients (mosquitto_pub -l, mosquitto_sub) driven line by line by
-tests/compat.rs, with the same protocol as paho_agent.py.
+tests/it/compat.rs, with the same protocol as paho_agent.py.
 
 usage: mosquitto_agent.py HOST PORT USER PASS CLIENT_ID KEEPALIVE
 stdin:  `sub TOPIC` | `pub QOS TOPIC PAYLOAD` | `quit`

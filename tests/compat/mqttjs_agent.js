@@ -1,4 +1,4 @@
-// A stock MQTT.js client driven line by line by tests/compat.rs (same protocol as paho_agent.py).
+// A stock MQTT.js client driven line by line by tests/it/compat.rs (same protocol as paho_agent.py).
 //
 // usage: node mqttjs_agent.js HOST PORT USER PASS CLIENT_ID KEEPALIVE
 // stdin:  `sub TOPIC` | `pub QOS TOPIC PAYLOAD` | `quit`

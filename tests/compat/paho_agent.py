@@ -1,4 +1,4 @@
-"""A stock paho-mqtt client driven line by line by tests/compat.rs.
+"""A stock paho-mqtt client driven line by line by tests/it/compat.rs.
 
 usage: paho_agent.py HOST PORT USER PASS CLIENT_ID KEEPALIVE
 stdin:  `sub TOPIC` | `pub QOS TOPIC PAYLOAD` | `quit`

@@ -20,9 +20,7 @@
 //! `mosquitto-clients`). Without them the test says which are missing and skips them, unless
 //! `MODEHUB_COMPAT_REQUIRED=1` (set by `.ci/run`), where a missing client is a failure.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures_util::FutureExt;
 use modehub::emulator::{Emulator, EmulatorHandle};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};

@@ -3,9 +3,7 @@
 //! many addresses, and still a sensor logs in over MQTT and its events reach MODE, and a
 //! `/healthz` from 127.0.0.1 is answered.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};

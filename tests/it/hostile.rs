@@ -16,10 +16,8 @@
 //!
 //! Loopback only. The whole test takes ~30 s on a shared 2-core box.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{Codec, Connect, Login, Packet, Publish};
 use rumqttc::mqttbytes::QoS;

@@ -48,10 +48,19 @@ impl Config {
             return Err(problems);
         }
         let mut cfg: Config = toml::from_str(src).map_err(|e| {
+            let at = e.span().map(|s| s.start);
+            // serde's message quotes the value ("invalid type: integer `1234`, ..."): never
+            // for a secret, whatever its type.
+            let what = match at.and_then(|at| secret::secret_key_at(src, at)) {
+                Some(key) => format!(
+                    "`{key}` must be a string in quotes (its value is a secret and not shown)"
+                ),
+                None => e.message().to_string(),
+            };
             vec![Problem {
                 key: String::new(),
-                line: e.span().map(|s| problems::line_at(src, s.start)),
-                what: e.message().to_string(),
+                line: at.map(|at| problems::line_at(src, at)),
+                what,
                 fix: "give the value the type shown in config/modehub.example.toml".into(),
             }]
         })?;

@@ -5,6 +5,19 @@ use serde::Deserialize;
 use std::fmt;
 use std::path::Path;
 
+/// The config keys whose values are secrets: never echoed, whatever is wrong with them.
+pub const SECRET_KEYS: &[&str] = &["api_key", "local_password", "project_key"];
+
+/// The secret key (of [`SECRET_KEYS`]) whose value is at byte `at` of config text `src`, if
+/// the line there reads `key = ...`.
+pub(super) fn secret_key_at(src: &str, at: usize) -> Option<&'static str> {
+    let at = at.min(src.len());
+    let start = src[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = &src[start..];
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    SECRET_KEYS.iter().copied().find(|k| *k == key)
+}
+
 /// A secret string (API key, password). Never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]

@@ -109,3 +109,25 @@ fn bad_toml_is_reported_with_line() {
     let problems = Config::parse("[hub]\ndata_dir = /x\n", Path::new(".")).unwrap_err();
     assert_eq!(problems[0].line, Some(2));
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_is_not_echoed() {
+    for (key, value) in [("local_password", "918273645"), ("api_key", "918273645.5")] {
+        let src = GOOD
+            .replace("local_password = \"s3cret\"\n", "")
+            .replace("api_key = \"v1.secret-key\"\n", "")
+            .replace("[[device]]\n", &format!("[[device]]\n{key} = {value}\n"));
+        let problems = Config::parse(&src, Path::new(".")).unwrap_err();
+        let text = format!("{problems:?}");
+        assert!(!text.contains("918273645"), "{key}: {text}");
+        assert!(text.contains(key), "{key}: {text}");
+        assert!(problems[0].line.is_some(), "{text}");
+    }
+    // Other keys still say what was wrong with the value.
+    let problems = Config::parse(
+        &GOOD.replace("mode_id = 1234", "mode_id = \"x1\""),
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(format!("{problems:?}").contains("x1"), "{problems:?}");
+}

@@ -80,6 +80,36 @@ impl Config {
             .position(|s| s.devices.iter().any(|d| d == name))
     }
 
+    /// Advice about the file the config was read from, for check-config and the log: a
+    /// config holding inline secrets (`api_key`, `local_password`) that everyone on the machine
+    /// can read. (The packaged layout is 0640 root:modehub; key files must be 0600.)
+    pub fn file_warnings(&self, path: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let inline: Vec<&str> = self
+                .devices
+                .iter()
+                .filter(|d| {
+                    d.api_key_file.is_none() && d.api_key.is_some() || d.local_password.is_some()
+                })
+                .map(|d| d.name.as_str())
+                .collect();
+            if let Ok(meta) = std::fs::metadata(path) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o004 != 0 && !inline.is_empty() {
+                    out.push(format!(
+                        "{} is readable by every user (mode {mode:03o}) and holds secrets inline (api_key / local_password of {}): chmod 640 it (owner root, group modehub), or move API keys to api_key_file (0600)",
+                        path.display(),
+                        inline.join(", ")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// The database file.
     pub fn db_path(&self) -> PathBuf {
         self.hub.data_dir.join("hub.db")

@@ -7,6 +7,9 @@ use super::{read_secret_file, Config, MqttEndpoint, Problem};
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// Shortest `local_password` accepted when `[local.mqtt] listen` is reachable from the LAN.
+pub const MIN_LOCAL_PASSWORD: usize = 8;
+
 impl Config {
     pub(super) fn validate(&mut self, loc: &Locator, base: &Path, problems: &mut Vec<Problem>) {
         let mut push = |table: &str, key: &str, what: String, fix: String| {
@@ -152,6 +155,9 @@ impl Config {
         }
         let mut names = std::collections::HashMap::new();
         let mut ids = std::collections::HashMap::new();
+        // Only a listener on the LAN can be guessed at from the LAN.
+        let listen = self.local.mqtt.listen;
+        let lan_reachable = !listen.ip().is_loopback();
         for (i, d) in self.devices.iter_mut().enumerate() {
             let table = format!("device[{i}]");
             if !valid_name(&d.name) {
@@ -216,6 +222,25 @@ impl Config {
                         "local_password",
                         "local_password is empty".into(),
                         "set a password or remove the key".into(),
+                    );
+                } else if lan_reachable && p.expose().chars().count() < MIN_LOCAL_PASSWORD {
+                    push(
+                        &table,
+                        "local_password",
+                        format!(
+                            "local_password is shorter than {MIN_LOCAL_PASSWORD} characters, and [local.mqtt] listen = \"{}\" lets the LAN try it: even slowed to 20 guesses a second, a short password falls in hours",
+                            listen
+                        ),
+                        format!(
+                            "use {MIN_LOCAL_PASSWORD} or more random characters (e.g. `openssl rand -base64 12`), or listen on 127.0.0.1 only"
+                        ),
+                    );
+                } else if p.expose() == d.name {
+                    push(
+                        &table,
+                        "local_password",
+                        "local_password is the device's name, which anyone can guess".into(),
+                        "use random characters".into(),
                     );
                 }
             }

@@ -555,3 +555,23 @@ async fn logs_are_safe_under_attack() {
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1000, "a {longest}-byte log line");
 }
+
+/// Item 15: short connections, one after another (battery sensors), each get in and are
+/// acknowledged; nothing of a closed connection is left to trip a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_leaves_nothing_behind() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(&emu, dir.path(), 1, "", "").await;
+    for i in 0..300u16 {
+        // A fresh client id each time, as many sensors do.
+        let (mut c, code) = raw_connect(hub.addr, &format!("battery-{i}"), "dev0", "pw0", 30).await;
+        assert_eq!(code, ConnectReturnCode::Success, "connection {i}");
+        publish_acked(&mut c, "/devices/dev0/event", 1, event_json(i as usize)).await;
+        c.send(Packet::Disconnect).await.unwrap();
+    }
+    assert_eq!(
+        wait_events(&emu.handle(), device_id(0), 300).await.len(),
+        300
+    );
+}

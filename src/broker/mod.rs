@@ -422,3 +422,6 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,8 +14,8 @@ struct TestFront {
     _shutdown: watch::Sender<bool>,
 }
 
-fn start(dir: &Path, tls: Option<TlsFiles>) -> impl Future<Output = TestFront> + '_ {
-    async move {
+async fn start(dir: &Path, tls: Option<TlsFiles>) -> TestFront {
+    {
         let text = format!(
             "[hub]\ndata_dir = \"{}\"\n[local.mqtt]\nlisten = \"127.0.0.1:0\"\n[cloud]\napi_url = \"http://127.0.0.1:9\"\nmqtt_url = \"mqtt://127.0.0.1:9\"\n[[device]]\nname = \"dev0\"\nmode_id = 100\nhome_id = 42\napi_key = \"v1.key-0\"\nlocal_password = \"pw0\"\n",
             dir.display()
@@ -48,8 +48,6 @@ fn start(dir: &Path, tls: Option<TlsFiles>) -> impl Future<Output = TestFront> +
         }
     }
 }
-
-use std::future::Future;
 
 /// Connects, publishes one QoS 1 event, waits for its PUBACK, disconnects.
 async fn one_session(opts: MqttOptions) -> Result<(), String> {

@@ -6,7 +6,6 @@
 //! escape control characters and truncate attacker-controlled text, and rate-limit repeated
 //! warnings. This module must not touch sockets or MQTT packets (the relay does).
 
-use crate::registry::{DeviceId, Registry};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -381,30 +380,6 @@ impl LogLimiter {
     }
 }
 
-/// Local MQTT login: `name + local_password` or `MODE id + API key`, compared with [`ct_eq`].
-pub fn authenticate(registry: &Registry, username: &str, password: &[u8]) -> Option<DeviceId> {
-    let d = registry.lookup(username)?;
-    let secret = if d.name == username {
-        d.local_password.as_ref()?
-    } else {
-        &d.api_key
-    };
-    ct_eq(secret.expose().as_bytes(), password).then_some(d.id)
-}
-
-/// Compares a candidate with a secret in time that depends only on the candidate's length:
-/// neither the secret's bytes nor its length leak.
-pub fn ct_eq(secret: &[u8], candidate: &[u8]) -> bool {
-    let mut diff = (secret.len() != candidate.len()) as u8;
-    if secret.is_empty() {
-        return candidate.is_empty() && diff == 0;
-    }
-    for (i, c) in candidate.iter().enumerate() {
-        diff |= c ^ secret[i % secret.len()];
-    }
-    diff == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,19 +480,6 @@ mod tests {
         let c = clean(&long, 10);
         assert_eq!(c.chars().count(), 11);
         assert!(c.ends_with('…'));
-    }
-
-    #[test]
-    fn ct_eq_matches_only_equal() {
-        assert!(ct_eq(b"secret", b"secret"));
-        assert!(!ct_eq(b"secret", b"secreT"));
-        assert!(!ct_eq(b"secret", b"secret1"));
-        assert!(!ct_eq(b"secret", b"secre"));
-        assert!(!ct_eq(b"secret", b""));
-        assert!(!ct_eq(b"", b"x"));
-        assert!(ct_eq(b"", b""));
-        // A candidate that repeats the secret is not equal to it.
-        assert!(!ct_eq(b"ab", b"abab"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod relay;
 pub use guard::{FrontLimits, FrontStats};
 
 use crate::config::LocalMqttConfig;
-use crate::downlink::LocalEvent;
+use crate::local::LocalEvent;
 use crate::metrics::Metrics;
 use crate::registry::{DeviceId, Registry, SharedRegistry};
 use crate::router::Router;
@@ -245,10 +245,17 @@ impl LocalBroker {
             max_connections: cfg.max_connections,
             ..FrontLimits::default()
         };
+        let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            _ => None,
+        };
         LocalBroker::start_with(
             cfg.listen,
             limits,
-            None,
+            tls,
             max_payload,
             registry,
             router,

@@ -7,9 +7,9 @@
 //! the keepalive and the Will, and passes subscriptions and downstream acks to rumqttd. It must
 //! not validate payloads (the router does) nor keep anything per connection once it ends.
 
-use super::guard::{authenticate, clean, Slot, LOG_FIELD_MAX};
+use super::guard::{clean, Slot, LOG_FIELD_MAX};
 use super::{Front, Session};
-use crate::downlink::{next_conn_id, LocalEvent};
+use crate::local::{next_conn_id, LocalEvent};
 use crate::metrics::RejectReason;
 use crate::registry::{DeviceId, Registry, TopicKind};
 use bytes::BytesMut;
@@ -282,7 +282,7 @@ impl Front {
         let dev = connect
             .login
             .as_ref()
-            .and_then(|l| authenticate(&registry, &l.username, l.password.as_bytes()));
+            .and_then(|l| registry.authenticate(&l.username, l.password.as_bytes()));
         let Some(dev) = dev else {
             self.metrics.reject(RejectReason::AuthFailed);
             let delay = self.throttle.failed(peer.ip(), std::time::Instant::now());

@@ -142,8 +142,11 @@ fn start_rumqttd(
         router: rumqttd::RouterConfig {
             max_connections: max_connections + 8,
             max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 4,
+            // What rumqttd keeps per subscribed filter (only what the hub sends down: devices
+            // cannot publish into it): at most 2 segments of 256 KiB, each over by at most one
+            // message. A device may hold at most 8 filters (see `relay::allowed_filter`).
+            max_segment_size: 256 * 1024,
+            max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

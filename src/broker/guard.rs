@@ -6,6 +6,7 @@
 //! escape control characters and truncate attacker-controlled text, and rate-limit repeated
 //! warnings. This module must not touch sockets or MQTT packets (the relay does).
 
+use crate::metrics::FrontStats;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -49,25 +50,6 @@ impl Default for FrontLimits {
             global_failures_per_sec: 20,
         }
     }
-}
-
-/// Counters of the front (also visible in the logs, rate-limited).
-#[derive(Debug, Default)]
-pub struct FrontStats {
-    /// Connections closed because they did not log in in time.
-    pub connect_timeouts: AtomicU64,
-    /// Not-logged-in connections closed to make room for a new one.
-    pub evicted: AtomicU64,
-    /// Connections refused because every slot held a logged-in device.
-    pub refused_full: AtomicU64,
-    /// Failed logins answered after a delay.
-    pub delayed_logins: AtomicU64,
-    /// PUBLISHes acknowledged and dropped (topic not allowed, QoS 2).
-    pub denied_publishes: AtomicU64,
-    /// Connections taken over by a new one with the same device and client id.
-    pub taken_over: AtomicU64,
-    /// CONNECTs of a protocol other than MQTT 3.1.1.
-    pub bad_protocol: AtomicU64,
 }
 
 /// Why a connection could not get a slot.

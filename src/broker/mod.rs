@@ -20,7 +20,7 @@ mod codec;
 mod guard;
 mod relay;
 
-pub use guard::{FrontLimits, FrontStats};
+pub use guard::FrontLimits;
 
 use crate::config::LocalMqttConfig;
 use crate::local::LocalEvent;
@@ -83,7 +83,6 @@ struct Front {
     registry: Arc<SharedRegistry>,
     router: Router,
     metrics: Arc<Metrics>,
-    stats: Arc<FrontStats>,
     limits: FrontLimits,
     internal: SocketAddr,
     internal_login: Login,
@@ -305,7 +304,6 @@ impl LocalBroker {
             registry,
             router,
             metrics,
-            stats: Arc::new(FrontStats::default()),
             slots: Arc::new(Slots::new(&limits)),
             throttle: LoginThrottle::new(&limits),
             limits,
@@ -336,11 +334,6 @@ impl LocalBroker {
     /// Where sensors connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// The front's counters.
-    pub fn stats(&self) -> &Arc<FrontStats> {
-        &self.front.stats
     }
 
     /// Sizes of the front's tables, to check that they stay bounded.
@@ -408,10 +401,10 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
-        let (slot, kicked) = match front.slots.admit(peer.ip(), &front.stats) {
+        let (slot, kicked) = match front.slots.admit(peer.ip(), &front.metrics.front) {
             Ok(x) => x,
             Err(Admission::Full) => {
-                front.stats.refused_full.fetch_add(1, Relaxed);
+                front.metrics.front.refused_full.fetch_add(1, Relaxed);
                 if let Some(held) = front.log_full.allow() {
                     tracing::warn!(%peer, held_back = held, "every local MQTT slot holds a logged-in device; refusing a connection (raise [local.mqtt] max_connections)");
                 }

@@ -115,7 +115,7 @@ impl Front {
             Ok(Ok(s)) => self.serve_io(s, peer, slot, kicked, deadline).await,
             Ok(Err(e)) => Err(self.prelogin_refused(peer, &format!("TLS handshake failed: {e}"))),
             Err(_) => {
-                self.stats.connect_timeouts.fetch_add(1, Relaxed);
+                self.metrics.front.connect_timeouts.fetch_add(1, Relaxed);
                 Err(self.prelogin_refused(peer, "no TLS handshake and CONNECT in time"))
             }
         }
@@ -160,7 +160,7 @@ impl Front {
                 return Err(self.prelogin_refused(peer, "first packet was not CONNECT"))
             }
             Ok(Some(Err(MqttError::InvalidProtocolLevel(_) | MqttError::InvalidProtocol))) => {
-                self.stats.bad_protocol.fetch_add(1, Relaxed);
+                self.metrics.front.bad_protocol.fetch_add(1, Relaxed);
                 let _ = client
                     .send(Packet::ConnAck(ConnAck::new(
                         ConnectReturnCode::RefusedProtocolVersion,
@@ -186,7 +186,7 @@ impl Front {
             }
             Ok(None) => return Err("closed before CONNECT".into()),
             Err(_) => {
-                self.stats.connect_timeouts.fetch_add(1, Relaxed);
+                self.metrics.front.connect_timeouts.fetch_add(1, Relaxed);
                 return Err(self.prelogin_refused(
                     peer,
                     &format!("no CONNECT within {:?}", self.limits.connect_timeout),
@@ -219,7 +219,7 @@ impl Front {
                 }
             }
             if !delay.is_zero() {
-                self.stats.delayed_logins.fetch_add(1, Relaxed);
+                self.metrics.front.delayed_logins.fetch_add(1, Relaxed);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut kicked => return Err(self.evicted(peer)),
@@ -293,7 +293,7 @@ impl Front {
                 },
             );
             if let Some(old) = old {
-                self.stats.taken_over.fetch_add(1, Relaxed);
+                self.metrics.front.taken_over.fetch_add(1, Relaxed);
                 let _ = old.take_over.send(());
             }
         }
@@ -548,7 +548,7 @@ impl Front {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         self.metrics.reject(RejectReason::NotOwnTopic);
-        self.stats.denied_publishes.fetch_add(1, Relaxed);
+        self.metrics.front.denied_publishes.fetch_add(1, Relaxed);
         if let Some(held) = self.log_denied.allow() {
             tracing::warn!(device = %registry.get(dev).name, topic = %clean(&p.topic, LOG_FIELD_MAX), held_back = held, "dropped a publish: {why}");
         }

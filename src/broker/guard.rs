@@ -6,7 +6,7 @@
 //! escape control characters and truncate attacker-controlled text, and rate-limit repeated
 //! warnings. This module must not touch sockets or MQTT packets (the relay does).
 
-use crate::registry::{DeviceId, Registry};
+use crate::metrics::FrontStats;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -50,25 +50,6 @@ impl Default for FrontLimits {
             global_failures_per_sec: 20,
         }
     }
-}
-
-/// Counters of the front (also visible in the logs, rate-limited).
-#[derive(Debug, Default)]
-pub struct FrontStats {
-    /// Connections closed because they did not log in in time.
-    pub connect_timeouts: AtomicU64,
-    /// Not-logged-in connections closed to make room for a new one.
-    pub evicted: AtomicU64,
-    /// Connections refused because every slot held a logged-in device.
-    pub refused_full: AtomicU64,
-    /// Failed logins answered after a delay.
-    pub delayed_logins: AtomicU64,
-    /// PUBLISHes acknowledged and dropped (topic not allowed, QoS 2).
-    pub denied_publishes: AtomicU64,
-    /// Connections taken over by a new one with the same device and client id.
-    pub taken_over: AtomicU64,
-    /// CONNECTs of a protocol other than MQTT 3.1.1.
-    pub bad_protocol: AtomicU64,
 }
 
 /// Why a connection could not get a slot.
@@ -381,30 +362,6 @@ impl LogLimiter {
     }
 }
 
-/// Local MQTT login: `name + local_password` or `MODE id + API key`, compared with [`ct_eq`].
-pub fn authenticate(registry: &Registry, username: &str, password: &[u8]) -> Option<DeviceId> {
-    let d = registry.lookup(username)?;
-    let secret = if d.name == username {
-        d.local_password.as_ref()?
-    } else {
-        &d.api_key
-    };
-    ct_eq(secret.expose().as_bytes(), password).then_some(d.id)
-}
-
-/// Compares a candidate with a secret in time that depends only on the candidate's length:
-/// neither the secret's bytes nor its length leak.
-pub fn ct_eq(secret: &[u8], candidate: &[u8]) -> bool {
-    let mut diff = (secret.len() != candidate.len()) as u8;
-    if secret.is_empty() {
-        return candidate.is_empty() && diff == 0;
-    }
-    for (i, c) in candidate.iter().enumerate() {
-        diff |= c ^ secret[i % secret.len()];
-    }
-    diff == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,19 +462,6 @@ mod tests {
         let c = clean(&long, 10);
         assert_eq!(c.chars().count(), 11);
         assert!(c.ends_with('…'));
-    }
-
-    #[test]
-    fn ct_eq_matches_only_equal() {
-        assert!(ct_eq(b"secret", b"secret"));
-        assert!(!ct_eq(b"secret", b"secreT"));
-        assert!(!ct_eq(b"secret", b"secret1"));
-        assert!(!ct_eq(b"secret", b"secre"));
-        assert!(!ct_eq(b"secret", b""));
-        assert!(!ct_eq(b"", b"x"));
-        assert!(ct_eq(b"", b""));
-        // A candidate that repeats the secret is not equal to it.
-        assert!(!ct_eq(b"ab", b"abab"));
     }
 
     #[test]

@@ -16,10 +16,11 @@
 //! rumqttd carries what goes down to devices: the hub publishes commands and kv updates through
 //! an in-process link. This module must not validate payloads (the router does) or know MODE.
 
+mod codec;
 mod guard;
 mod relay;
 
-pub use guard::{FrontLimits, FrontStats};
+pub use guard::FrontLimits;
 
 use crate::config::LocalMqttConfig;
 use crate::local::LocalEvent;
@@ -82,7 +83,6 @@ struct Front {
     registry: Arc<SharedRegistry>,
     router: Router,
     metrics: Arc<Metrics>,
-    stats: Arc<FrontStats>,
     limits: FrontLimits,
     internal: SocketAddr,
     internal_login: Login,
@@ -141,8 +141,11 @@ fn start_rumqttd(
         router: rumqttd::RouterConfig {
             max_connections: max_connections + 8,
             max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 4,
+            // What rumqttd keeps per subscribed filter (only what the hub sends down: devices
+            // cannot publish into it): at most 2 segments of 256 KiB, each over by at most one
+            // message. A device may hold at most 8 filters (see `relay::allowed_filter`).
+            max_segment_size: 256 * 1024,
+            max_segment_count: 2,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
@@ -245,10 +248,17 @@ impl LocalBroker {
             max_connections: cfg.max_connections,
             ..FrontLimits::default()
         };
+        let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(TlsFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            _ => None,
+        };
         LocalBroker::start_with(
             cfg.listen,
             limits,
-            None,
+            tls,
             max_payload,
             registry,
             router,
@@ -294,7 +304,6 @@ impl LocalBroker {
             registry,
             router,
             metrics,
-            stats: Arc::new(FrontStats::default()),
             slots: Arc::new(Slots::new(&limits)),
             throttle: LoginThrottle::new(&limits),
             limits,
@@ -325,11 +334,6 @@ impl LocalBroker {
     /// Where sensors connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// The front's counters.
-    pub fn stats(&self) -> &Arc<FrontStats> {
-        &self.front.stats
     }
 
     /// Sizes of the front's tables, to check that they stay bounded.
@@ -397,10 +401,10 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
-        let (slot, kicked) = match front.slots.admit(peer.ip(), &front.stats) {
+        let (slot, kicked) = match front.slots.admit(peer.ip(), &front.metrics.front) {
             Ok(x) => x,
             Err(Admission::Full) => {
-                front.stats.refused_full.fetch_add(1, Relaxed);
+                front.metrics.front.refused_full.fetch_add(1, Relaxed);
                 if let Some(held) = front.log_full.allow() {
                     tracing::warn!(%peer, held_back = held, "every local MQTT slot holds a logged-in device; refusing a connection (raise [local.mqtt] max_connections)");
                 }
@@ -422,3 +426,6 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

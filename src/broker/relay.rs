@@ -7,12 +7,12 @@
 //! the keepalive and the Will, and passes subscriptions and downstream acks to rumqttd. It must
 //! not validate payloads (the router does) nor keep anything per connection once it ends.
 
-use super::guard::{authenticate, clean, Slot, LOG_FIELD_MAX};
+use super::codec::FrontCodec;
+use super::guard::{clean, Slot, LOG_FIELD_MAX};
 use super::{Front, Session};
 use crate::local::{next_conn_id, LocalEvent};
 use crate::metrics::RejectReason;
 use crate::registry::{DeviceId, Registry, TopicKind};
-use bytes::BytesMut;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::codec::{Decoder, Encoder, Framed};
+use tokio_util::codec::Framed;
 
 /// Most PUBACKs one connection may have waiting for a commit before we stop reading it.
 const MAX_PENDING_ACKS: usize = 256;
@@ -40,86 +40,6 @@ const INTERNAL_KEEPALIVE: u16 = 3600;
 const INTERNAL_PING: Duration = Duration::from_secs(1200);
 /// How long closing the internal connection may take before its id is retired, not reused.
 const INTERNAL_CLOSE: Duration = Duration::from_secs(2);
-
-/// rumqttc's MQTT 3.1.1 codec, which before login also refuses any other protocol level (so
-/// that an MQTT 5 or 3.1 CONNECT gets CONNACK 0x01) and packets over the pre-login limit.
-pub(super) struct FrontCodec {
-    inner: Codec,
-    prelogin: bool,
-}
-
-impl FrontCodec {
-    fn new(max_prelogin: usize, max_packet: usize) -> FrontCodec {
-        FrontCodec {
-            inner: Codec {
-                max_incoming_size: max_prelogin,
-                max_outgoing_size: max_packet,
-            },
-            prelogin: true,
-        }
-    }
-
-    fn logged_in(&mut self, max_packet: usize) {
-        self.prelogin = false;
-        self.inner.max_incoming_size = max_packet;
-    }
-}
-
-/// Checks the protocol name and level of a CONNECT at the start of `src` (once enough bytes
-/// are there): only "MQTT" level 4 (3.1.1) passes.
-fn check_protocol(src: &[u8]) -> Result<(), MqttError> {
-    if src.first().map(|b| b >> 4) != Some(1) {
-        return Ok(()); // Not a CONNECT: the caller refuses it.
-    }
-    let mut pos = 1;
-    loop {
-        let Some(&b) = src.get(pos) else {
-            return Ok(());
-        };
-        pos += 1;
-        if b & 0x80 == 0 {
-            break;
-        }
-        if pos > 4 {
-            return Err(MqttError::MalformedRemainingLength);
-        }
-    }
-    let Some(len) = src.get(pos..pos + 2) else {
-        return Ok(());
-    };
-    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-    let Some(name) = src.get(pos + 2..pos + 2 + len) else {
-        return Ok(());
-    };
-    let Some(&level) = src.get(pos + 2 + len) else {
-        return Ok(());
-    };
-    match (name, level) {
-        (b"MQTT", 4) => Ok(()),
-        (b"MQTT" | b"MQIsdp", n) => Err(MqttError::InvalidProtocolLevel(n)),
-        _ => Err(MqttError::InvalidProtocol),
-    }
-}
-
-impl Decoder for FrontCodec {
-    type Item = Packet;
-    type Error = MqttError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, MqttError> {
-        if self.prelogin {
-            check_protocol(src)?;
-        }
-        self.inner.decode(src)
-    }
-}
-
-impl Encoder<Packet> for FrontCodec {
-    type Error = MqttError;
-
-    fn encode(&mut self, item: Packet, dst: &mut BytesMut) -> Result<(), MqttError> {
-        self.inner.encode(item, dst)
-    }
-}
 
 type AckFuture = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
 type Client<S> = Framed<S, FrontCodec>;
@@ -195,7 +115,7 @@ impl Front {
             Ok(Ok(s)) => self.serve_io(s, peer, slot, kicked, deadline).await,
             Ok(Err(e)) => Err(self.prelogin_refused(peer, &format!("TLS handshake failed: {e}"))),
             Err(_) => {
-                self.stats.connect_timeouts.fetch_add(1, Relaxed);
+                self.metrics.front.connect_timeouts.fetch_add(1, Relaxed);
                 Err(self.prelogin_refused(peer, "no TLS handshake and CONNECT in time"))
             }
         }
@@ -240,7 +160,7 @@ impl Front {
                 return Err(self.prelogin_refused(peer, "first packet was not CONNECT"))
             }
             Ok(Some(Err(MqttError::InvalidProtocolLevel(_) | MqttError::InvalidProtocol))) => {
-                self.stats.bad_protocol.fetch_add(1, Relaxed);
+                self.metrics.front.bad_protocol.fetch_add(1, Relaxed);
                 let _ = client
                     .send(Packet::ConnAck(ConnAck::new(
                         ConnectReturnCode::RefusedProtocolVersion,
@@ -266,7 +186,7 @@ impl Front {
             }
             Ok(None) => return Err("closed before CONNECT".into()),
             Err(_) => {
-                self.stats.connect_timeouts.fetch_add(1, Relaxed);
+                self.metrics.front.connect_timeouts.fetch_add(1, Relaxed);
                 return Err(self.prelogin_refused(
                     peer,
                     &format!("no CONNECT within {:?}", self.limits.connect_timeout),
@@ -282,7 +202,7 @@ impl Front {
         let dev = connect
             .login
             .as_ref()
-            .and_then(|l| authenticate(&registry, &l.username, l.password.as_bytes()));
+            .and_then(|l| registry.authenticate(&l.username, l.password.as_bytes()));
         let Some(dev) = dev else {
             self.metrics.reject(RejectReason::AuthFailed);
             let delay = self.throttle.failed(peer.ip(), std::time::Instant::now());
@@ -299,7 +219,7 @@ impl Front {
                 }
             }
             if !delay.is_zero() {
-                self.stats.delayed_logins.fetch_add(1, Relaxed);
+                self.metrics.front.delayed_logins.fetch_add(1, Relaxed);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = &mut kicked => return Err(self.evicted(peer)),
@@ -373,7 +293,7 @@ impl Front {
                 },
             );
             if let Some(old) = old {
-                self.stats.taken_over.fetch_add(1, Relaxed);
+                self.metrics.front.taken_over.fetch_add(1, Relaxed);
                 let _ = old.take_over.send(());
             }
         }
@@ -628,7 +548,7 @@ impl Front {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         self.metrics.reject(RejectReason::NotOwnTopic);
-        self.stats.denied_publishes.fetch_add(1, Relaxed);
+        self.metrics.front.denied_publishes.fetch_add(1, Relaxed);
         if let Some(held) = self.log_denied.allow() {
             tracing::warn!(device = %registry.get(dev).name, topic = %clean(&p.topic, LOG_FIELD_MAX), held_back = held, "dropped a publish: {why}");
         }
@@ -860,43 +780,6 @@ async fn close_internal(broker: &mut Broker) -> bool {
             Ok(None) | Ok(Some(Err(_))) => return true,
             Ok(Some(Ok(_))) => continue,
             Err(_) => return false,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn connect_bytes(name: &[u8], level: u8) -> Vec<u8> {
-        let mut v = vec![0x10, 0];
-        v.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        v.extend_from_slice(name);
-        v.push(level);
-        v.extend_from_slice(&[0x02, 0, 60, 0, 1, b'x']);
-        v[1] = (v.len() - 2) as u8;
-        v
-    }
-
-    #[test]
-    fn only_mqtt_311_passes_the_protocol_check() {
-        assert!(check_protocol(&connect_bytes(b"MQTT", 4)).is_ok());
-        assert!(matches!(
-            check_protocol(&connect_bytes(b"MQTT", 5)),
-            Err(MqttError::InvalidProtocolLevel(5))
-        ));
-        assert!(matches!(
-            check_protocol(&connect_bytes(b"MQIsdp", 3)),
-            Err(MqttError::InvalidProtocolLevel(3))
-        ));
-        assert!(matches!(
-            check_protocol(&connect_bytes(b"HTTP", 4)),
-            Err(MqttError::InvalidProtocol)
-        ));
-        // Partial input waits for more bytes.
-        let full = connect_bytes(b"MQTT", 5);
-        for n in 0..8 {
-            assert!(check_protocol(&full[..n]).is_ok(), "{n}");
         }
     }
 }

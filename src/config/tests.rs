@@ -178,3 +178,17 @@ fn a_world_readable_config_with_inline_secrets_gets_a_warning() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
     assert!(cfg.file_warnings(&path).is_empty());
 }
+
+#[test]
+fn secret_matches_only_equal_and_hides_its_length() {
+    let s = Secret::new("secret");
+    assert!(s.matches(b"secret"));
+    assert!(!s.matches(b"secreT"));
+    assert!(!s.matches(b"secret1"));
+    assert!(!s.matches(b"secre"));
+    assert!(!s.matches(b""));
+    // A candidate that repeats the secret is not equal to it.
+    assert!(!Secret::new("ab").matches(b"abab"));
+    assert!(!Secret::new("").matches(b"x"));
+    assert!(Secret::new("").matches(b""));
+}

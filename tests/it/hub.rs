@@ -164,6 +164,13 @@ async fn a_device_cannot_publish_or_subscribe_as_another() {
         .await;
     wait_events(&emu.handle(), device_id(0), 1).await;
     assert!(s0.closed.borrow().is_none(), "device stays connected");
+    assert_eq!(
+        hub.metrics()
+            .front
+            .denied_publishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(emu.handle().events(device_id(1)).is_empty());
     assert!(hub.metrics().rejected(RejectReason::NotOwnTopic) >= 4);

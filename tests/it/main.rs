@@ -14,6 +14,7 @@ mod emulator;
 mod hostile;
 mod hub;
 mod layout;
+mod local_front;
 mod ops;
 mod ops_limits;
 mod reload;

@@ -3,10 +3,8 @@
 //! a hostile LAN must not achieve (planted commands, locked-out sensors, big pre-login buffers,
 //! fast password guessing, forged log lines).
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
     Codec, Connect, ConnectReturnCode, LastWill, Login, Packet, Publish, Subscribe, Unsubscribe,
@@ -554,4 +552,147 @@ async fn logs_are_safe_under_attack() {
     );
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1000, "a {longest}-byte log line");
+}
+
+/// Item 15: short connections, one after another (battery sensors), each get in and are
+/// acknowledged; nothing of a closed connection is left to trip a later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_leaves_nothing_behind() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(&emu, dir.path(), 1, "", "").await;
+    for i in 0..300u16 {
+        // A fresh client id each time, as many sensors do.
+        let (mut c, code) = raw_connect(hub.addr, &format!("battery-{i}"), "dev0", "pw0", 30).await;
+        assert_eq!(code, ConnectReturnCode::Success, "connection {i}");
+        publish_acked(&mut c, "/devices/dev0/event", 1, event_json(i as usize)).await;
+        c.send(Packet::Disconnect).await.unwrap();
+    }
+    assert_eq!(
+        wait_events(&emu.handle(), device_id(0), 300).await.len(),
+        300
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI;
+/// returns the CA certificate (PEM).
+fn make_certs(dir: &Path) -> Vec<u8> {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (apt install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "server.pem",
+    ]);
+    std::fs::read(dir.join("ca.pem")).unwrap()
+}
+
+/// Item 14: TLS on the local port, with a stock client (rumqttc over rustls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_local_port() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_certs(dir.path());
+    // Relative paths: resolved against the config file's directory.
+    let hub = HubProc::start(
+        &emu,
+        dir.path(),
+        1,
+        "",
+        "tls_cert_file = \"server.pem\"\ntls_key_file = \"server.key\"\n",
+    )
+    .await;
+    let mut o = rumqttc::MqttOptions::new("tls-sensor", "127.0.0.1", hub.addr.port());
+    o.set_credentials("dev0", "pw0");
+    o.set_transport(rumqttc::Transport::tls(ca, None, None));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    client
+        .publish(
+            "/devices/dev0/event",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            event_json(5),
+        )
+        .await
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), el.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => continue,
+            other => panic!("MQTT over TLS: {other:?}"),
+        }
+    }
+    assert_eq!(
+        ns(&wait_events(&emu.handle(), device_id(0), 1).await),
+        vec![5]
+    );
+    // Plain MQTT on the TLS port gets no CONNACK.
+    let mut raw = Framed::new(TcpStream::connect(hub.addr).await.unwrap(), codec());
+    let mut c = Connect::new("plain");
+    c.login = Some(Login::new("dev0", "pw0"));
+    raw.send(Packet::Connect(c)).await.unwrap();
+    assert!(next(&mut raw).await.is_none());
+    hub.wait_log("tls=true").await;
 }

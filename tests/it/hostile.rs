@@ -372,14 +372,21 @@ async fn hold_framed(mut raw: Raw, stop: &AtomicBool) {
 
 /// One `GET /healthz` from 127.0.0.1; the status line, or why there is none.
 async fn healthz(ops: SocketAddr) -> Result<String, String> {
+    let text = get(ops, "/healthz").await?;
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// One `GET path` from 127.0.0.1: the whole response.
+async fn get(ops: SocketAddr, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(ops).await.map_err(|e| e.to_string())?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf);
-    Ok(text.lines().next().unwrap_or("").to_string())
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,6 +530,21 @@ async fn a_hammered_hub_keeps_its_good_sensor_memory_and_health() {
     assert!(
         log.lines().all(|l| l.len() < 4096),
         "an attacker-controlled field made a huge log line"
+    );
+    // The numbers JSON cannot carry were refused and counted (never stored for MODE).
+    let metrics = get(hub.ops, "/metrics").await.unwrap_or_default();
+    let not_json: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("modehub_messages_dropped_total{reason=\"not_json\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        not_json >= tally.non_finite.load(Relaxed).min(1),
+        "non-finite events were not refused as not_json: {not_json}"
+    );
+    assert!(
+        h.events(device_id(2)).is_empty(),
+        "an event of the wrong-topic device reached MODE"
     );
     // The hub is still alive and serving.
     assert!(

@@ -21,9 +21,14 @@ pub struct EmulatorArgs {
     /// Device MQTT listen address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1884")]
     pub mqtt: SocketAddr,
-    /// Per-device data messages per minute (MODE documents 600); off when absent.
+    /// Per-device data messages per minute (default 600, as MODE documents; 0 = off). The
+    /// project-wide limit (6,000) is switched off with it.
     #[arg(long, value_name = "N")]
     pub rate_limit: Option<u32>,
+    /// Flip every assumed (unconfirmed) behaviour to its other guess (see docs/emulator.md);
+    /// also set by `MODEHUB_EMULATOR_ASSUMED=flipped`.
+    #[arg(long)]
+    pub flip_assumed: bool,
 }
 
 /// Runs the emulator until Ctrl-C, logging each arriving event.
@@ -34,9 +39,19 @@ pub async fn run_cli(args: EmulatorArgs) -> anyhow::Result<()> {
         http_listen: args.http,
         mqtt_listen: args.mqtt,
         seed,
-        behaviour: Behaviour {
-            rate_limit_per_minute: args.rate_limit,
-            ..Behaviour::default()
+        behaviour: {
+            let mut b = Behaviour::from_env();
+            if args.flip_assumed && std::env::var(super::ASSUMED_ENV).as_deref() != Ok("flipped") {
+                b = b.flip_assumed();
+            }
+            match args.rate_limit {
+                Some(0) => b.without_rate_limits(),
+                Some(n) => Behaviour {
+                    rate_limit_per_minute: Some(n),
+                    ..b
+                },
+                None => b,
+            }
         },
     };
     let emu = Emulator::start(cfg).await?;

@@ -231,7 +231,8 @@ impl EmulatorHandle {
 
     /// Sends a command as an app would: `{"action":..,"parameters":..}` as a QoS 0 PUBLISH on
     /// `/devices/{id}/command` to every MQTT session subscribed to it and as a text frame to
-    /// every command WebSocket. `parameters` must be an object or null (sent as `{}`).
+    /// every command WebSocket. `parameters` must be an object, or null: then the command has
+    /// no `parameters` (as MODE allows), or `{}` with `command_parameters_default`.
     pub fn send_command(
         &self,
         device_id: u64,
@@ -239,15 +240,18 @@ impl EmulatorHandle {
         parameters: serde_json::Value,
     ) -> Result<(), CommandError> {
         let params = match &parameters {
-            serde_json::Value::Null => "{}".to_string(),
-            serde_json::Value::Object(_) => parameters.to_string(),
+            serde_json::Value::Null => {
+                let add = self.shared.lock().behaviour.command_parameters_default;
+                add.then(|| "{}".to_string())
+            }
+            serde_json::Value::Object(_) => Some(parameters.to_string()),
             _ => {
                 return Err(CommandError::InvalidInput(
                     "parameters must be an object".into(),
                 ))
             }
         };
-        let payload = state::command_payload(action, &params)?;
+        let payload = state::command_payload(action, params.as_deref())?;
         self.shared.lock().send_command(device_id, payload)
     }
 

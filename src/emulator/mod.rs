@@ -18,7 +18,7 @@ mod shared;
 mod state;
 
 pub use cli::{run_cli, EmulatorArgs};
-pub use config::{Behaviour, EmulatorConfig, Faults};
+pub use config::{Behaviour, DeactivatedHome, EmulatorConfig, Faults, ASSUMED_ENV};
 pub use handle::{Emulator, EmulatorHandle};
 pub use records::{CommandError, DeviceStatus, KvError, RecordedEvent, Stats, Transport};
 pub use seed::{Permission, Seed, SeedDevice, SeedHome, SeedProjectKey, SeedUser};

@@ -65,6 +65,8 @@ pub struct RecordedEvent {
 pub struct Stats {
     /// Events recorded.
     pub events_accepted: u64,
+    /// Events refused because the device's home is deactivated (`deactivated_home = Refuse`).
+    pub events_refused_deactivated: u64,
     /// Event payloads that were not `{"eventType": string, "eventData"?: object}`.
     pub events_rejected_invalid: u64,
     /// Events acknowledged but dropped because the device's home is deactivated.
@@ -89,6 +91,8 @@ pub struct Stats {
     /// TCP connections closed at once by the `refuse_connections` fault.
     pub mqtt_connections_refused_fault: u64,
     pub mqtt_sessions_dropped_rate_limit: u64,
+    /// Sessions closed for publishing while the home is deactivated (`Refuse`).
+    pub mqtt_sessions_dropped_deactivated: u64,
     /// Sessions closed for using another device's or an unknown topic.
     pub mqtt_sessions_dropped_acl: u64,
     pub mqtt_sessions_dropped_keepalive: u64,

@@ -58,8 +58,9 @@ pub enum SessionEvent {
     /// MODE acknowledged this outbox row (PUBACK, or a 2xx answer).
     Acked(i64),
     /// MODE answered this row with an error (REST). `permanent`: sending it again will never
-    /// work (a 4xx other than 401/403/404/408/429), so it belongs in the dead-letter table;
-    /// otherwise (403, 404, 5xx) the row stays and the session ends.
+    /// work (a 4xx other than 401/403/404/408/409/423/429, or a kv write MODE does not allow
+    /// this device key), so it belongs in the dead-letter table; otherwise (401, 403, 404,
+    /// 409, 423) the row stays and the device is held. A delete of a missing key is `Acked`.
     Rejected {
         row: i64,
         status: u16,
@@ -104,6 +105,14 @@ impl Session {
         match self {
             Session::Mqtt(_) => None,
             Session::Rest(s) => s.take_initial_kv(),
+        }
+    }
+
+    /// Why MODE refused kv to this device in this session (REST only; `None` = kv works).
+    pub fn kv_refused(&self) -> Option<&str> {
+        match self {
+            Session::Mqtt(_) => None,
+            Session::Rest(s) => s.kv_refused(),
         }
     }
 

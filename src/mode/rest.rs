@@ -1,14 +1,20 @@
-//! One device's REST + WebSocket session with MODE, for networks that allow only HTTPS.
+//! One device's REST + WebSocket session with MODE, the fallback for networks that allow only
+//! HTTPS (MQTT over `wss://` is the better one: it keeps kv push).
 //!
 //! Events go as `PUT /devices/{id}/event` (204 = delivered), kv changes as
 //! `PUT /devices/{id}/kv/{key}` `{"value":V}` and `DELETE /devices/{id}/kv/{key}`, commands arrive
 //! as text frames on the WebSocket `/devices/{id}/command`, and the kv store is read with
-//! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision. One
-//! request is in flight at a time, so MODE sees a device's messages in outbox order. `429`
-//! waits for `Retry-After` and sends the same request again; a transient failure (5xx, network)
-//! is retried a few times before the session ends. All devices share one pooled HTTP client.
-//! The session pings the WebSocket every 30 s and ends when a pong does not come back. This
-//! module must not decide what to send or keep anything across sessions.
+//! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision.
+//! MODE documents kv REST for applications, not for device keys: a refused kv read or write
+//! degrades kv only ([`Session::kv_refused`]; a refused write goes to the dead letters) and
+//! never holds the device's events or commands. REST never hears kv changes made in the cloud
+//! during a session: they arrive with the next session's read. A delete of a key MODE does not
+//! have (404) is done. One request is in flight at a time, so MODE sees a device's messages in
+//! outbox order. `429` waits for `Retry-After` and sends the same request again; a transient
+//! failure (5xx, network) is retried a few times before the session ends; any other 4xx that
+//! sending again cannot fix is reported permanent (dead letters). All devices share one pooled
+//! HTTP client. The session pings the WebSocket every 30 s and ends when a pong does not come
+//! back. This module must not decide what to send or keep anything across sessions.
 
 use super::{ConnectError, SessionConfig, SessionEvent, Stamping};
 use crate::config::Secret;
@@ -65,10 +71,36 @@ pub(crate) fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("UNKNOWN").to_string())
 }
 
+/// What a refusal (a 4xx other than 408 and 429) means for the row that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nothing left to do: deleting a key MODE does not have.
+    Done,
+    /// kv over REST is not allowed for this device key: the row is dropped to the dead
+    /// letters and kv is marked degraded; events and commands go on.
+    KvRefused,
+    /// The row may go through later (a key, permission or home problem that an operator or
+    /// MODE fixes): the uplink holds the device and retries.
+    Hold,
+    /// Sending it again can never work (bad request, too large...): dead letters.
+    Permanent,
+}
+
+/// Decides by HTTP status (MODE's `reason` values are not documented for device calls).
+fn verdict(kind: Kind, status: u16) -> Verdict {
+    match (kind, status) {
+        (Kind::KvDelete, 404 | 410) => Verdict::Done,
+        (Kind::KvSet | Kind::KvDelete, 401 | 403 | 404 | 405) => Verdict::KvRefused,
+        (_, 401 | 403 | 404 | 409 | 423) => Verdict::Hold,
+        _ => Verdict::Permanent,
+    }
+}
+
 /// One request that can be sent again.
 #[derive(Clone)]
 struct Request {
     row: i64,
+    kind: Kind,
     method: reqwest::Method,
     url: String,
     body: Option<Vec<u8>>,
@@ -96,6 +128,10 @@ pub struct Session {
     queued: VecDeque<SessionEvent>,
     ping: tokio::time::Interval,
     awaiting_pong: bool,
+    /// Why kv over REST is unavailable to this device, once MODE refused it.
+    kv_refused: Option<String>,
+    /// kv reads and writes MODE refused during this session.
+    kv_refusals: u64,
 }
 
 impl Session {
@@ -109,7 +145,8 @@ impl Session {
         let auth = auth(key);
         let client = http_client();
         let transport = |e: reqwest::Error| ConnectError::Transport(format!("{base}: {e}"));
-        // The kv store first: it also proves the key works for this device.
+        // The kv store first. A refusal degrades kv only: the command WebSocket below is what
+        // proves the key works for this device.
         let resp = client
             .get(format!("{base}/devices/{mode_id}/kv"))
             .header("Authorization", &auth)
@@ -118,18 +155,30 @@ impl Session {
             .map_err(transport)?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
+        let (reload, kv_refused) = if status.is_success() {
+            let reload = reload_from_rest(&body)
+                .map_err(|e| ConnectError::Transport(format!("GET kv answered {e}")))?;
+            (Some(reload), None)
+        } else {
             let reason = reason_of(status, &body);
-            return Err(match status.as_u16() {
-                401 | 403 => ConnectError::Refused {
-                    auth: status.as_u16() == 401 || reason == "PERMISSION_DENIED",
-                    detail: format!("{status} {reason}"),
-                },
-                _ => ConnectError::Transport(format!("GET kv: {status} {reason}")),
-            });
+            match status.as_u16() {
+                401 => {
+                    return Err(ConnectError::Refused {
+                        auth: true,
+                        detail: format!("{status} {reason}"),
+                    })
+                }
+                403 | 404 | 405 => (None, Some(format!("GET kv: {status} {reason}"))),
+                _ => {
+                    return Err(ConnectError::Transport(format!(
+                        "GET kv: {status} {reason}"
+                    )))
+                }
+            }
+        };
+        if let Some(why) = &kv_refused {
+            tracing::warn!(device = mode_id, %why, "MODE refused kv over REST to this device key; kv is unavailable, events and commands go on");
         }
-        let reload = reload_from_rest(&body)
-            .map_err(|e| ConnectError::Transport(format!("GET kv answered {e}")))?;
 
         let ws_url = if let Some(rest) = base.strip_prefix("https://") {
             format!("wss://{rest}/devices/{mode_id}/command")
@@ -167,7 +216,10 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + WS_PING_EVERY, WS_PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut queued = VecDeque::new();
-        queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
+        if let Some(reload) = reload {
+            queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
+        }
+        let kv_refusals = kv_refused.is_some() as u64;
         Ok(Session {
             base,
             mode_id,
@@ -179,7 +231,20 @@ impl Session {
             queued,
             ping,
             awaiting_pong: false,
+            kv_refused,
+            kv_refusals,
         })
+    }
+
+    /// Why MODE refused kv over REST to this device in this session (`None`: kv works, or
+    /// was not tried yet).
+    pub fn kv_refused(&self) -> Option<&str> {
+        self.kv_refused.as_deref()
+    }
+
+    /// kv reads and writes MODE refused in this session.
+    pub fn kv_refusals(&self) -> u64 {
+        self.kv_refusals
     }
 
     /// The `reload` read at connect, if not yet taken.
@@ -241,6 +306,7 @@ impl Session {
         };
         let req = Request {
             row: row.id,
+            kind: row.kind,
             method,
             url,
             body,
@@ -300,10 +366,20 @@ impl Session {
                     let (req, tries) = self.current.take().expect("a pending request has a row");
                     match outcome {
                         Outcome::Done => return SessionEvent::Acked(req.row),
-                        Outcome::Refused { status, reason } => {
-                            let permanent = !matches!(status, 401 | 403 | 404 | 409 | 423);
-                            return SessionEvent::Rejected { row: req.row, status, reason, permanent };
-                        }
+                        Outcome::Refused { status, reason } => match verdict(req.kind, status) {
+                            Verdict::Done => return SessionEvent::Acked(req.row),
+                            Verdict::KvRefused => {
+                                tracing::warn!(device = self.mode_id, status, %reason, "MODE refused a kv write over REST; kv is unavailable to this device, events and commands go on");
+                                self.kv_refusals += 1;
+                                self.kv_refused = Some(format!("kv write: {status} {reason}"));
+                                let reason = format!("kv over REST refused: {reason}");
+                                return SessionEvent::Rejected { row: req.row, status, reason, permanent: true };
+                            }
+                            v => {
+                                let permanent = v == Verdict::Permanent;
+                                return SessionEvent::Rejected { row: req.row, status, reason, permanent };
+                            }
+                        },
                         Outcome::Throttled(d) => {
                             self.resume_at = Some(tokio::time::Instant::now() + d);
                             self.current = Some((req, tries));
@@ -398,6 +474,18 @@ fn reload_from_rest(body: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_judged_by_status() {
+        assert_eq!(verdict(Kind::KvDelete, 404), Verdict::Done);
+        assert_eq!(verdict(Kind::KvSet, 403), Verdict::KvRefused);
+        assert_eq!(verdict(Kind::KvDelete, 403), Verdict::KvRefused);
+        assert_eq!(verdict(Kind::Event, 403), Verdict::Hold);
+        assert_eq!(verdict(Kind::Event, 404), Verdict::Hold);
+        assert_eq!(verdict(Kind::Event, 400), Verdict::Permanent);
+        assert_eq!(verdict(Kind::KvSet, 400), Verdict::Permanent);
+        assert_eq!(verdict(Kind::Event, 413), Verdict::Permanent);
+    }
 
     #[test]
     fn rest_kv_list_becomes_a_revisionless_reload() {

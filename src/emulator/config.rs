@@ -207,6 +207,8 @@ pub struct Faults {
     pub drop_after_publishes: Option<u32>,
     /// Commands are accepted (204 / Ok) but not delivered to any connection.
     pub drop_commands: bool,
+    /// MQTT SUBSCRIBEs to the device's kv topic get a SUBACK failure (0x80) and no reload.
+    pub refuse_kv_subscriptions: bool,
 }
 
 mod duration_opt {

@@ -323,6 +323,9 @@ impl Session {
                         if f.path == self.command_topic {
                             st.subscribe_command(self.device_id, self.conn_id, true);
                             codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
+                        } else if f.path == self.kv_topic && st.faults.refuse_kv_subscriptions {
+                            st.stats.kv_subscriptions_refused_fault += 1;
+                            codes.push(SubscribeReasonCode::Failure);
                         } else if f.path == self.kv_topic {
                             // Queues the reload; it goes out after the SUBACK below.
                             st.subscribe_kv(self.device_id, self.conn_id, true);

@@ -105,6 +105,8 @@ pub struct Stats {
     /// Connections cut by `drop_session(s)` or going offline.
     pub sessions_dropped_control: u64,
     pub ws_connects_accepted: u64,
+    /// kv SUBSCRIBEs refused by the `refuse_kv_subscriptions` fault.
+    pub kv_subscriptions_refused_fault: u64,
     /// REST requests on MODE API routes.
     pub rest_requests: u64,
     /// REST requests answered 429 by the per-device rate limit.

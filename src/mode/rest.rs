@@ -6,7 +6,7 @@
 //! as text frames on the WebSocket `/devices/{id}/command`, and the kv store is read with
 //! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision.
 //! MODE documents kv REST for applications, not for device keys: a refused kv read or write
-//! degrades kv only ([`Session::kv_refused`]; a refused write goes to the dead letters) and
+//! degrades kv only (reported in [`KvHealth`]; a refused write goes to the dead letters) and
 //! never holds the device's events or commands. REST never hears kv changes made in the cloud
 //! during a session: they arrive with the next session's read. A delete of a key MODE does not
 //! have (404) is done. One request is in flight at a time, so MODE sees a device's messages in
@@ -16,7 +16,9 @@
 //! HTTP client. The session pings the WebSocket every 30 s and ends when a pong does not come
 //! back. This module must not decide what to send or keep anything across sessions.
 
-use super::{ConnectError, SessionConfig, SessionEvent, Stamping};
+use super::{ConnectError, KvHealth, SessionConfig, SessionEvent, Stamping};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use crate::config::Secret;
 use crate::outbox::{Kind, Row};
 use bytes::Bytes;
@@ -128,10 +130,8 @@ pub struct Session {
     queued: VecDeque<SessionEvent>,
     ping: tokio::time::Interval,
     awaiting_pong: bool,
-    /// Why kv over REST is unavailable to this device, once MODE refused it.
-    kv_refused: Option<String>,
-    /// kv reads and writes MODE refused during this session.
-    kv_refusals: u64,
+    /// Where kv refusals are reported (kept across sessions by the caller).
+    kv: Arc<KvHealth>,
 }
 
 impl Session {
@@ -140,6 +140,7 @@ impl Session {
         cfg: &SessionConfig,
         mode_id: u64,
         key: &Secret,
+        kv: Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
         let base = cfg.api_url.trim_end_matches('/').to_string();
         let auth = auth(key);
@@ -176,9 +177,6 @@ impl Session {
                 }
             }
         };
-        if let Some(why) = &kv_refused {
-            tracing::warn!(device = mode_id, %why, "MODE refused kv over REST to this device key; kv is unavailable, events and commands go on");
-        }
 
         let ws_url = if let Some(rest) = base.strip_prefix("https://") {
             format!("wss://{rest}/devices/{mode_id}/command")
@@ -219,7 +217,13 @@ impl Session {
         if let Some(reload) = reload {
             queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
         }
-        let kv_refusals = kv_refused.is_some() as u64;
+        match kv_refused {
+            Some(why) => {
+                kv.refusals.fetch_add(1, Relaxed);
+                kv.set_problem(mode_id, format!("MODE refused kv over REST ({why})"));
+            }
+            None => kv.clear(mode_id),
+        }
         Ok(Session {
             base,
             mode_id,
@@ -231,20 +235,8 @@ impl Session {
             queued,
             ping,
             awaiting_pong: false,
-            kv_refused,
-            kv_refusals,
+            kv,
         })
-    }
-
-    /// Why MODE refused kv over REST to this device in this session (`None`: kv works, or
-    /// was not tried yet).
-    pub fn kv_refused(&self) -> Option<&str> {
-        self.kv_refused.as_deref()
-    }
-
-    /// kv reads and writes MODE refused in this session.
-    pub fn kv_refusals(&self) -> u64 {
-        self.kv_refusals
     }
 
     /// The `reload` read at connect, if not yet taken.
@@ -365,13 +357,17 @@ impl Session {
                     self.pending = None;
                     let (req, tries) = self.current.take().expect("a pending request has a row");
                     match outcome {
-                        Outcome::Done => return SessionEvent::Acked(req.row),
+                        Outcome::Done => {
+                            if req.kind != Kind::Event {
+                                self.kv.clear(self.mode_id);
+                            }
+                            return SessionEvent::Acked(req.row);
+                        }
                         Outcome::Refused { status, reason } => match verdict(req.kind, status) {
                             Verdict::Done => return SessionEvent::Acked(req.row),
                             Verdict::KvRefused => {
-                                tracing::warn!(device = self.mode_id, status, %reason, "MODE refused a kv write over REST; kv is unavailable to this device, events and commands go on");
-                                self.kv_refusals += 1;
-                                self.kv_refused = Some(format!("kv write: {status} {reason}"));
+                                self.kv.refusals.fetch_add(1, Relaxed);
+                                self.kv.set_problem(self.mode_id, format!("MODE refused a kv write over REST ({status} {reason}); refused writes go to the dead letters"));
                                 let reason = format!("kv over REST refused: {reason}");
                                 return SessionEvent::Rejected { row: req.row, status, reason, permanent: true };
                             }

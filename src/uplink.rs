@@ -77,6 +77,8 @@ pub struct UplinkStatus {
     hold: Mutex<Option<Hold>>,
     /// The last upstream error and when (unix ms).
     last_error: Mutex<Option<(String, i64)>>,
+    /// How kv stands for this device (refusals, oversized reloads); kept across sessions.
+    pub kv: Arc<crate::mode::KvHealth>,
 }
 
 impl UplinkStatus {
@@ -164,6 +166,7 @@ impl DeviceUplink {
             pace: pace.status(),
             hold: Mutex::new(None),
             last_error: Mutex::new(None),
+            kv: Arc::default(),
         })
     }
 
@@ -191,7 +194,7 @@ impl DeviceUplink {
             self.set_state(SessionState::Connecting);
             self.metrics.upstream_connects.fetch_add(1, Relaxed);
             let connected = tokio::select! {
-                r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key) => r,
+                r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key, &self.status.kv) => r,
                 _ = self.shutdown.changed() => break,
             };
             let delay = match connected {

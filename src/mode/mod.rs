@@ -37,7 +37,10 @@ impl KvHealth {
     /// What is wrong with kv for this device (`None`: working, or not tried yet), and since
     /// when (unix ms).
     pub fn problem(&self) -> Option<(String, i64)> {
-        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_problem(&self, mode_id: u64, why: String) {

@@ -17,8 +17,6 @@
 //! back. This module must not decide what to send or keep anything across sessions.
 
 use super::{ConnectError, KvHealth, SessionConfig, SessionEvent, Stamping};
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use crate::config::Secret;
 use crate::local::{Kind, Row};
 use bytes::Bytes;
@@ -26,6 +24,8 @@ use futures_util::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -169,7 +169,7 @@ impl Session {
                         detail: format!("{status} {reason}"),
                     })
                 }
-                403 | 404 | 405 => (None, Some(format!("GET kv: {status} {reason}"))),
+                403..=405 => (None, Some(format!("GET kv: {status} {reason}"))),
                 _ => {
                     return Err(ConnectError::Transport(format!(
                         "GET kv: {status} {reason}"

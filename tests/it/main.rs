@@ -10,8 +10,10 @@ mod common;
 
 mod downlink;
 mod emulator;
+mod emulator_fidelity;
 mod hub;
 mod layout;
+mod mode_fidelity;
 mod ops;
 mod reload;
 mod serial;

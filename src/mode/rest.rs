@@ -5,9 +5,10 @@
 //! `PUT /devices/{id}/kv/{key}` `{"value":V}` and `DELETE /devices/{id}/kv/{key}`, commands arrive
 //! as text frames on the WebSocket `/devices/{id}/command`, and the kv store is read with
 //! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision.
-//! MODE documents kv REST for applications, not for device keys: a refused kv read or write
-//! degrades kv only (reported in [`KvHealth`]; a refused write goes to the dead letters) and
-//! never holds the device's events or commands. REST never hears kv changes made in the cloud
+//! MODE documents kv REST for applications, not for device keys: when MODE refuses the kv
+//! read, kv is degraded for the session (reported in [`KvHealth`]; refused kv writes go to the
+//! dead letters) and the device's events and commands never wait for it. When the read worked,
+//! a refused kv write means something else (a deactivated home, say) and is held like an event. REST never hears kv changes made in the cloud
 //! during a session: they arrive with the next session's read. A delete of a key MODE does not
 //! have (404) is done. One request is in flight at a time, so MODE sees a device's messages in
 //! outbox order. `429` waits for `Retry-After` and sends the same request again; a transient
@@ -89,10 +90,12 @@ enum Verdict {
 }
 
 /// Decides by HTTP status (MODE's `reason` values are not documented for device calls).
-fn verdict(kind: Kind, status: u16) -> Verdict {
+/// `kv_readable`: this session's `GET kv` worked, so kv REST is allowed to this key and a
+/// refused kv write means something else (a deactivated home, say): it is held like an event.
+fn verdict(kind: Kind, status: u16, kv_readable: bool) -> Verdict {
     match (kind, status) {
         (Kind::KvDelete, 404 | 410) => Verdict::Done,
-        (Kind::KvSet | Kind::KvDelete, 401 | 403 | 404 | 405) => Verdict::KvRefused,
+        (Kind::KvSet | Kind::KvDelete, 401 | 403 | 404 | 405) if !kv_readable => Verdict::KvRefused,
         (_, 401 | 403 | 404 | 409 | 423) => Verdict::Hold,
         _ => Verdict::Permanent,
     }
@@ -132,6 +135,8 @@ pub struct Session {
     awaiting_pong: bool,
     /// Where kv refusals are reported (kept across sessions by the caller).
     kv: Arc<KvHealth>,
+    /// This session's `GET kv` worked (kv REST is allowed to this device key).
+    kv_readable: bool,
 }
 
 impl Session {
@@ -217,6 +222,7 @@ impl Session {
         if let Some(reload) = reload {
             queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
         }
+        let kv_readable = kv_refused.is_none();
         match kv_refused {
             Some(why) => {
                 kv.refusals.fetch_add(1, Relaxed);
@@ -236,6 +242,7 @@ impl Session {
             ping,
             awaiting_pong: false,
             kv,
+            kv_readable,
         })
     }
 
@@ -363,7 +370,7 @@ impl Session {
                             }
                             return SessionEvent::Acked(req.row);
                         }
-                        Outcome::Refused { status, reason } => match verdict(req.kind, status) {
+                        Outcome::Refused { status, reason } => match verdict(req.kind, status, self.kv_readable) {
                             Verdict::Done => return SessionEvent::Acked(req.row),
                             Verdict::KvRefused => {
                                 self.kv.refusals.fetch_add(1, Relaxed);
@@ -473,14 +480,19 @@ mod tests {
 
     #[test]
     fn refusals_are_judged_by_status() {
-        assert_eq!(verdict(Kind::KvDelete, 404), Verdict::Done);
-        assert_eq!(verdict(Kind::KvSet, 403), Verdict::KvRefused);
-        assert_eq!(verdict(Kind::KvDelete, 403), Verdict::KvRefused);
-        assert_eq!(verdict(Kind::Event, 403), Verdict::Hold);
-        assert_eq!(verdict(Kind::Event, 404), Verdict::Hold);
-        assert_eq!(verdict(Kind::Event, 400), Verdict::Permanent);
-        assert_eq!(verdict(Kind::KvSet, 400), Verdict::Permanent);
-        assert_eq!(verdict(Kind::Event, 413), Verdict::Permanent);
+        for readable in [true, false] {
+            assert_eq!(verdict(Kind::KvDelete, 404, readable), Verdict::Done);
+            assert_eq!(verdict(Kind::Event, 403, readable), Verdict::Hold);
+            assert_eq!(verdict(Kind::Event, 404, readable), Verdict::Hold);
+            assert_eq!(verdict(Kind::Event, 400, readable), Verdict::Permanent);
+            assert_eq!(verdict(Kind::KvSet, 400, readable), Verdict::Permanent);
+            assert_eq!(verdict(Kind::Event, 413, readable), Verdict::Permanent);
+        }
+        // kv REST refused to this key (the read failed too): kv only.
+        assert_eq!(verdict(Kind::KvSet, 403, false), Verdict::KvRefused);
+        assert_eq!(verdict(Kind::KvDelete, 403, false), Verdict::KvRefused);
+        // The read worked: a refused write is something else (a deactivated home?): held.
+        assert_eq!(verdict(Kind::KvSet, 403, true), Verdict::Hold);
     }
 
     #[test]

@@ -272,7 +272,32 @@ impl DeviceUplink {
         // Rows sent and not yet acknowledged, kept only while `retain` is on.
         let mut sent: HashMap<i64, Row> = HashMap::new();
         let window = session.window(&self.session);
-        if let Some(reload) = session.take_initial_kv() {
+        let mut initial = session.take_initial_kv();
+        // MQTT: MODE sends the whole store right after the kv subscription. A local kv change
+        // acknowledged before that reload is applied would be wiped by it when MODE does not
+        // echo it back, so nothing is sent until it is in (bounded; commands pass).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while initial.is_none() && session.awaits_reload() {
+            match tokio::time::timeout_at(deadline, session.next()).await {
+                Err(_) => break,
+                Ok(SessionEvent::Kv(p)) => initial = Some(p),
+                Ok(SessionEvent::Command(p)) => {
+                    self.metrics.commands_received.fetch_add(1, Relaxed);
+                    let _ = self
+                        .downstream
+                        .send(Downstream::Command(self.device.id, p))
+                        .await;
+                }
+                Ok(SessionEvent::Closed(reason)) => {
+                    return Ended {
+                        reason,
+                        remote: true,
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        if let Some(reload) = initial {
             let (done, applied) = tokio::sync::oneshot::channel();
             let _ = self
                 .downstream

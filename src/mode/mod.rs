@@ -179,6 +179,15 @@ impl Session {
         }
     }
 
+    /// MQTT: the kv subscription is under way and MODE's reload has not arrived yet (the
+    /// caller holds its sends until it does, so the reload cannot wipe a change it just made).
+    pub fn awaits_reload(&self) -> bool {
+        match self {
+            Session::Mqtt(s) => s.awaits_reload(),
+            Session::Rest(_) => false,
+        }
+    }
+
     /// Publishes not yet answered.
     pub fn in_flight(&self) -> usize {
         match self {

@@ -241,6 +241,11 @@ impl Session {
         }
     }
 
+    /// The kv subscription is asked for (not refused, not skipped) and no kv message came yet.
+    pub fn awaits_reload(&self) -> bool {
+        !self.kv_seen && self.kv_sub.retry_at.is_none()
+    }
+
     /// The earliest planned re-subscription.
     fn next_retry(&self) -> Option<Instant> {
         match (self.command.retry_at, self.kv_sub.retry_at) {

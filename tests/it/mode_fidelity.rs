@@ -40,7 +40,15 @@ async fn drained(hub: &Hub) {
 /// forever and hold every later event of the device behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_delete_of_a_missing_key_does_not_stall_the_device() {
-    let emu = emulator_with(1, Behaviour::from_env()).await;
+    // Both answers to deleting a missing key (404 or 204) must work; kv REST must be allowed.
+    let emu = emulator_with(
+        1,
+        Behaviour {
+            device_key_kv_rest: true,
+            ..Behaviour::from_env()
+        },
+    )
+    .await;
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
     let hub = hub(&emu, dir.path(), 1, "transport = \"rest\"\n").await;

@@ -13,6 +13,7 @@ mod emulator;
 mod emulator_fidelity;
 mod hub;
 mod layout;
+mod local_front;
 mod mode_fidelity;
 mod ops;
 mod reload;

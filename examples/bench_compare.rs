@@ -731,7 +731,9 @@ async fn run_modehub(
     };
     let emu = Emulator::start(EmulatorConfig {
         behaviour: Behaviour {
+            // The bench measures the hub, not MODE's limits: both off explicitly.
             rate_limit_per_minute: None,
+            project_rate_limit_per_minute: None,
             max_recorded_events: 1000,
             session_queue: 4096,
             ..Default::default()

@@ -363,6 +363,7 @@ impl Hub {
             keepalive: cfg.cloud.keepalive(),
             inflight: cfg.cloud.max_inflight,
             max_packet: cfg.hub.max_payload_bytes + 4096,
+            max_downlink_packet: cfg.cloud.max_downlink_packet_bytes,
             stamping: mode::Stamping {
                 seq_field: cfg.cloud.seq_field.clone(),
                 captured_at_field: cfg.cloud.captured_at_field.clone(),

@@ -116,8 +116,9 @@ pub struct Row {
 /// A DDP change from MODE, already parsed (the wire format lives in `mode`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum KvChange {
-    /// Replace the whole store. `rev` is `None` when the transport has no revisions (REST):
-    /// then the reload is authoritative and applied unconditionally.
+    /// Replace the whole store: always applied, whatever its rev (MODE sends one on every kv
+    /// subscription and it is the truth). `rev` is `None` when the transport has no revisions
+    /// (REST).
     Reload {
         rev: Option<i64>,
         /// (key, raw JSON value)

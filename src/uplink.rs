@@ -77,6 +77,8 @@ pub struct UplinkStatus {
     hold: Mutex<Option<Hold>>,
     /// The last upstream error and when (unix ms).
     last_error: Mutex<Option<(String, i64)>>,
+    /// How kv stands for this device (refusals, oversized reloads); kept across sessions.
+    pub kv: Arc<crate::mode::KvHealth>,
 }
 
 impl UplinkStatus {
@@ -164,6 +166,7 @@ impl DeviceUplink {
             pace: pace.status(),
             hold: Mutex::new(None),
             last_error: Mutex::new(None),
+            kv: Arc::default(),
         })
     }
 
@@ -191,7 +194,7 @@ impl DeviceUplink {
             self.set_state(SessionState::Connecting);
             self.metrics.upstream_connects.fetch_add(1, Relaxed);
             let connected = tokio::select! {
-                r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key) => r,
+                r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key, &self.status.kv) => r,
                 _ = self.shutdown.changed() => break,
             };
             let delay = match connected {
@@ -269,7 +272,32 @@ impl DeviceUplink {
         // Rows sent and not yet acknowledged, kept only while `retain` is on.
         let mut sent: HashMap<i64, Row> = HashMap::new();
         let window = session.window(&self.session);
-        if let Some(reload) = session.take_initial_kv() {
+        let mut initial = session.take_initial_kv();
+        // MQTT: MODE sends the whole store right after the kv subscription. A local kv change
+        // acknowledged before that reload is applied would be wiped by it when MODE does not
+        // echo it back, so nothing is sent until it is in (bounded; commands pass).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while initial.is_none() && session.awaits_reload() {
+            match tokio::time::timeout_at(deadline, session.next()).await {
+                Err(_) => break,
+                Ok(SessionEvent::Kv(p)) => initial = Some(p),
+                Ok(SessionEvent::Command(p)) => {
+                    self.metrics.commands_received.fetch_add(1, Relaxed);
+                    let _ = self
+                        .downstream
+                        .send(Downstream::Command(self.device.id, p))
+                        .await;
+                }
+                Ok(SessionEvent::Closed(reason)) => {
+                    return Ended {
+                        reason,
+                        remote: true,
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        if let Some(reload) = initial {
             let (done, applied) = tokio::sync::oneshot::channel();
             let _ = self
                 .downstream

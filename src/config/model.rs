@@ -248,6 +248,8 @@ pub struct CloudConfig {
     pub max_inflight: usize,
     /// MQTT keepalive towards MODE, seconds.
     pub keepalive_secs: u64,
+    /// Largest MQTT packet taken from MODE (a kv reload carries the whole store in one).
+    pub max_downlink_packet_bytes: usize,
     /// Field added to every event's `eventData` with the per-device sequence number ("" = off).
     pub seq_field: String,
     /// Field added to every event's `eventData` with the capture time ("" = off).
@@ -269,6 +271,7 @@ impl Default for CloudConfig {
             max_project_messages_per_minute: 5400,
             max_inflight: 32,
             keepalive_secs: 30,
+            max_downlink_packet_bytes: 16 * 1024 * 1024,
             seq_field: "_seq".into(),
             captured_at_field: "_capturedAt".into(),
             project_key: None,
@@ -286,21 +289,30 @@ impl CloudConfig {
     }
 }
 
-/// Where MODE's device MQTT endpoint is.
+/// Where MODE's device MQTT endpoint is: `mqtt://`, `mqtts://`, or MQTT over WebSocket
+/// (`ws://`, `wss://`, e.g. `wss://mqtt.tinkermode.com:443` for HTTPS-only networks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqttEndpoint {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// `Some(path)` for MQTT over WebSocket (`ws://`, `wss://`).
+    pub ws_path: Option<String>,
 }
 
 impl MqttEndpoint {
     pub fn parse(s: &str) -> Result<Self, String> {
         let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL ({e})"))?;
-        let tls = match url.scheme() {
-            "mqtts" | "ssl" => true,
-            "mqtt" | "tcp" => false,
-            other => return Err(format!("scheme `{other}` is not mqtt:// or mqtts://")),
+        let (tls, ws) = match url.scheme() {
+            "mqtts" | "ssl" => (true, false),
+            "mqtt" | "tcp" => (false, false),
+            "wss" => (true, true),
+            "ws" => (false, true),
+            other => {
+                return Err(format!(
+                    "scheme `{other}` is not mqtt://, mqtts://, ws:// or wss://"
+                ))
+            }
         };
         let host = url
             .host_str()
@@ -309,8 +321,20 @@ impl MqttEndpoint {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-        Ok(MqttEndpoint { host, port, tls })
+        let port = match (ws, tls) {
+            (true, _) => url
+                .port_or_known_default()
+                .unwrap_or(if tls { 443 } else { 80 }),
+            (false, true) => url.port().unwrap_or(8883),
+            (false, false) => url.port().unwrap_or(1883),
+        };
+        let ws_path = ws.then(|| url.path().to_string());
+        Ok(MqttEndpoint {
+            host,
+            port,
+            tls,
+            ws_path,
+        })
     }
 }
 

@@ -31,9 +31,26 @@ fn parses_good_config_with_defaults() {
         MqttEndpoint {
             host: "127.0.0.1".into(),
             port: 1884,
-            tls: false
+            tls: false,
+            ws_path: None,
         }
     );
+}
+
+#[test]
+fn mqtt_over_websocket_urls() {
+    let e = MqttEndpoint::parse("wss://mqtt.tinkermode.com:443").unwrap();
+    assert_eq!(
+        (e.host.as_str(), e.port, e.tls, e.ws_path.as_deref()),
+        ("mqtt.tinkermode.com", 443, true, Some("/"))
+    );
+    let e = MqttEndpoint::parse("ws://127.0.0.1:8080/mqtt").unwrap();
+    assert_eq!(
+        (e.port, e.tls, e.ws_path.as_deref()),
+        (8080, false, Some("/mqtt"))
+    );
+    assert_eq!(MqttEndpoint::parse("wss://h").unwrap().port, 443);
+    assert!(MqttEndpoint::parse("http://h").is_err());
 }
 
 #[test]

@@ -72,7 +72,7 @@ impl Config {
                 "cloud",
                 "mqtt_url",
                 e,
-                "use mqtts://host:8883 (TLS) or mqtt://host:1883".into(),
+                "use mqtts://host:8883 (TLS), mqtt://host:1883, or wss://host:443 (MQTT over WebSocket, for HTTPS-only networks)".into(),
             );
         }
         match url::Url::parse(&self.cloud.api_url) {
@@ -167,6 +167,14 @@ impl Config {
                 "keepalive_secs",
                 format!("{} is out of range", self.cloud.keepalive_secs),
                 "use 5..=3600 (default 30)".into(),
+            );
+        }
+        if !(4096..=268_435_455).contains(&self.cloud.max_downlink_packet_bytes) {
+            push(
+                "cloud",
+                "max_downlink_packet_bytes",
+                format!("{} is out of range", self.cloud.max_downlink_packet_bytes),
+                "use 4096..=268435455 (default 16777216, 16 MiB)".into(),
             );
         }
         if let Some(pk) = &self.cloud.project_key_file {

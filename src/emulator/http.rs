@@ -213,13 +213,55 @@ pub(crate) fn router(shared: S) -> Router {
             "/_emulator/devices/{id}/kv/{key}",
             put(c_put_kv).delete(c_delete_kv),
         );
+    // Device MQTT over WebSocket: MODE serves it at the root of its MQTT host.
+    let mqtt_ws = Router::new()
+        .route("/", get(ws_mqtt))
+        .route("/mqtt", get(ws_mqtt));
     Router::new()
         .merge(api)
         .merge(control)
+        .merge(mqtt_ws)
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::new(405, "METHOD_NOT_ALLOWED") })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(shared.clone(), reason_gate))
         .with_state(shared)
+}
+
+/// Reasons found in MODE's own sources (`mode-api.md` §10); every other one is the emulator's.
+const MODE_REASONS: [&str; 5] = [
+    "RATE_LIMIT_EXCEEDED",
+    "UNAUTHENTICATED_CLIENT",
+    "AUTHORIZATION_REQUIRED",
+    "PERMISSION_DENIED",
+    "DEVICE_OFFLINE",
+];
+
+/// With `invented_reasons` off, an error answer of a MODE route whose `reason` is not one of
+/// [`MODE_REASONS`] loses its body (`{}`): the client sees the status only.
+async fn reason_gate(State(shared): State<S>, req: Request, next: Next) -> Response {
+    let control = req.uri().path().starts_with("/_emulator/");
+    let resp = next.run(req).await;
+    if control || resp.status().is_success() || shared.lock().behaviour.invented_reasons {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (parts.status, Json(json!({}))).into_response();
+    };
+    let reason = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string));
+    match reason {
+        Some(r) if !MODE_REASONS.contains(&r.as_str()) => {
+            let mut out = (parts.status, Json(json!({}))).into_response();
+            if let Some(ra) = parts.headers.get(header::RETRY_AFTER) {
+                out.headers_mut().insert(header::RETRY_AFTER, ra.clone());
+            }
+            out
+        }
+        _ => Response::from_parts(parts, axum::body::Body::from(bytes)),
+    }
 }
 
 /// Offline, delay, 5xx and 429 faults for MODE API routes.
@@ -332,6 +374,10 @@ async fn put_event(
     let outcome = shared.lock().ingest_event(id, &body, Transport::Rest);
     match outcome {
         EventOutcome::Recorded | EventOutcome::DroppedDeactivated => Ok(no_content()),
+        EventOutcome::RefusedDeactivated => Err(ApiError::new(
+            403,
+            shared.lock().behaviour.deactivated_kv_reason.clone(),
+        )),
         EventOutcome::Invalid(m) => Err(ApiError::invalid(m)),
         EventOutcome::RateLimited(secs) => {
             shared.lock().stats.rest_rate_limited += 1;
@@ -347,16 +393,17 @@ struct CommandBody<'a> {
     parameters: Option<&'a RawValue>,
 }
 
-/// Parses `{"action": string, "parameters"?: object}` into the payload MODE pushes.
-fn command_from_body(body: &[u8]) -> ApiResult<bytes::Bytes> {
+/// Parses `{"action": string, "parameters"?: object}` into the payload MODE pushes (without
+/// `parameters` when none were given, unless `command_parameters_default`).
+fn command_from_body(body: &[u8], add_default: bool) -> ApiResult<bytes::Bytes> {
     let cmd: CommandBody<'_> =
         serde_json::from_slice(body).map_err(|e| ApiError::invalid(e.to_string()))?;
     let action = cmd
         .action
         .ok_or_else(|| ApiError::invalid("action is missing"))?;
     let params = match cmd.parameters.map(|r| r.get().trim()) {
-        None | Some("null") => "{}",
-        Some(raw) if raw.starts_with('{') => raw,
+        None | Some("null") => add_default.then_some("{}"),
+        Some(raw) if raw.starts_with('{') => Some(raw),
         Some(_) => return Err(ApiError::invalid("parameters must be a JSON object")),
     };
     super::state::command_payload(&action, params).map_err(|e| ApiError::invalid(e.to_string()))
@@ -379,7 +426,7 @@ async fn put_command(
         }
     }
     let body = body.map_err(body_err)?;
-    let payload = command_from_body(&body)?;
+    let payload = command_from_body(&body, shared.lock().behaviour.command_parameters_default)?;
     let res = shared.lock().send_command(id, payload);
     res.map(|()| no_content())
         .map_err(|e| command_error(&shared, e))
@@ -422,6 +469,22 @@ async fn ws_command(
     }
     let ws = ws.map_err(|e| ApiError::invalid(format!("WebSocket upgrade required: {e}")))?;
     Ok(ws.on_upgrade(move |socket| ws_session(shared, id, socket)))
+}
+
+/// `GET /` (or `/mqtt`) with a WebSocket upgrade, subprotocol `mqtt`: device MQTT over
+/// WebSocket. Authentication is the MQTT CONNECT inside, as on the TCP endpoint.
+async fn ws_mqtt(
+    State(shared): State<S>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    if shared.lock().is_offline() {
+        return Err(ApiError::new(503, "SERVICE_UNAVAILABLE"));
+    }
+    let ws = ws.map_err(|e| ApiError::invalid(format!("WebSocket upgrade required: {e}")))?;
+    let peer = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    Ok(ws
+        .protocols(["mqtt"])
+        .on_upgrade(move |socket| super::mqtt::serve_websocket(shared, socket, peer)))
 }
 
 async fn ws_session(shared: S, device_id: u64, mut socket: WebSocket) {
@@ -486,6 +549,7 @@ async fn list_kv(
     let p = auth(&shared, &headers)?;
     let id = path1(path)?;
     readable_device(&shared, &p, id)?;
+    kv_rest_allowed(&shared, &p)?;
     let prefix = query
         .ok()
         .and_then(|Query(q)| q.key_prefix)
@@ -509,6 +573,7 @@ async fn get_kv(
     let p = auth(&shared, &headers)?;
     let (id, key) = path2(path)?;
     readable_device(&shared, &p, id)?;
+    kv_rest_allowed(&shared, &p)?;
     if !super::state::valid_kv_key(&key) {
         return Err(kv_error(&shared, KvError::InvalidKey(key)));
     }
@@ -520,6 +585,14 @@ async fn get_kv(
     Ok(Json(kv_item_json(&key, &it.value, &it.modification_time)))
 }
 
+/// The `device_key_kv_rest` knob: whether a device key may use the kv REST routes at all.
+fn kv_rest_allowed(shared: &Shared, p: &Principal) -> ApiResult<()> {
+    if matches!(p, Principal::Device(_)) && !shared.lock().behaviour.device_key_kv_rest {
+        return Err(ApiError::denied());
+    }
+    Ok(())
+}
+
 /// Checks write access: a device key for another device -> 403, unknown device -> 404.
 /// Returns whether the write is made with the device's own key (rate-limited).
 fn writable_device(shared: &Shared, p: &Principal, id: u64) -> ApiResult<bool> {
@@ -528,6 +601,7 @@ fn writable_device(shared: &Shared, p: &Principal, id: u64) -> ApiResult<bool> {
             return Err(ApiError::denied());
         }
     }
+    kv_rest_allowed(shared, p)?;
     let st = shared.lock();
     let d = st.devices.get(&id).ok_or_else(ApiError::not_found)?;
     if st.can_write_kv(p, d) {
@@ -567,7 +641,8 @@ async fn put_kv(
     res.map(|_| no_content()).map_err(|e| kv_error(&shared, e))
 }
 
-/// `DELETE /devices/{id}/kv/{key}` -> 204, 404 KEY_NOT_FOUND when absent.
+/// `DELETE /devices/{id}/kv/{key}` -> 204; an absent key answers `delete_missing_kv_status`
+/// (404 `KEY_NOT_FOUND` by default).
 async fn delete_kv(
     State(shared): State<S>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -577,7 +652,20 @@ async fn delete_kv(
     let (id, key) = path2(path)?;
     let own = writable_device(&shared, &p, id)?;
     let res = shared.lock().kv_write(id, KvOp::Delete(key), None, own);
-    res.map(|_| no_content()).map_err(|e| kv_error(&shared, e))
+    match res {
+        Ok(_) => Ok(no_content()),
+        Err(KvError::KeyNotFound(k)) => {
+            let status = shared.lock().behaviour.delete_missing_kv_status;
+            if (200..300).contains(&status) {
+                Ok(StatusCode::from_u16(status)
+                    .unwrap_or(StatusCode::NO_CONTENT)
+                    .into_response())
+            } else {
+                Err(ApiError::new(status, "KEY_NOT_FOUND").with_message(format!("no key {k:?}")))
+            }
+        }
+        Err(e) => Err(kv_error(&shared, e)),
+    }
 }
 
 /// `GET /homes/{id}`.
@@ -769,7 +857,10 @@ async fn c_command(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let id = path1(path)?;
-    let payload = command_from_body(&body.map_err(body_err)?)?;
+    let payload = command_from_body(
+        &body.map_err(body_err)?,
+        shared.lock().behaviour.command_parameters_default,
+    )?;
     let res = shared.lock().send_command(id, payload);
     res.map(|()| no_content())
         .map_err(|e| command_error(&shared, e))

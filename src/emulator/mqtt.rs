@@ -5,6 +5,10 @@
 //! and forwards queued pushes (commands, kv sync) as QoS 0 PUBLISHes. It must not parse MQTT by
 //! hand, hold the state lock across an `.await`, keep retained messages or sessions, or log
 //! passwords.
+//!
+//! The same session code serves MQTT over WebSocket ([`serve_websocket`], subprotocol `mqtt`,
+//! binary frames), as MODE does on `wss://mqtt.tinkermode.com:443`: the frames are bridged onto
+//! an in-memory byte stream, so both transports share every rule above.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -17,20 +21,24 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as MqttError, Protocol, QoS};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{ConnKind, ConnRefusal, EventOutcome, Push};
-use super::{KvError, Shared, Transport};
+use super::{DeactivatedHome, KvError, Shared, Transport};
 
 /// A write that cannot complete in this time means a stuck client: the session is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest packet the emulator itself sends (MQTT's maximum remaining length).
 const MAX_OUTGOING: usize = 268_435_455;
 
-type Conn = Framed<TcpStream, Codec>;
+/// A byte stream carrying MQTT: a TCP connection or a bridged WebSocket.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Conn = Framed<Box<dyn Io>, Codec>;
 
 /// Accepts device connections until `cancel` fires or the listener is taken away.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -48,8 +56,9 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, cancel: CancellationToken) 
                     drop(stream);
                     continue;
                 }
+                let _ = stream.set_nodelay(true);
                 let s = Arc::clone(&shared);
-                tokio::spawn(async move { session(s, stream, peer).await });
+                tokio::spawn(async move { session(s, Box::new(stream), peer).await });
             }
             Ok(None) => return,
             Err(e) => {
@@ -73,6 +82,54 @@ async fn refuse(shared: &Shared, framed: &mut Conn, code: ConnectReturnCode) {
     let _ = send(framed, Packet::ConnAck(ConnAck::new(code, false))).await;
 }
 
+/// Serves one MQTT-over-WebSocket connection (already upgraded with subprotocol `mqtt`):
+/// binary frames in both directions, bridged to the ordinary MQTT session. A text frame or a
+/// close ends it; so does the session ending (the WebSocket is then closed).
+pub(crate) async fn serve_websocket(
+    shared: Arc<Shared>,
+    mut socket: axum::extract::ws::WebSocket,
+    peer: SocketAddr,
+) {
+    use axum::extract::ws::Message;
+    if shared.lock().faults.refuse_connections {
+        shared.lock().stats.mqtt_connections_refused_fault += 1;
+        return;
+    }
+    let (mqtt_side, bridge) = tokio::io::duplex(64 * 1024);
+    let s = Arc::clone(&shared);
+    let session = tokio::spawn(async move { session(s, Box::new(mqtt_side), peer).await });
+    let (mut from_session, mut to_session) = tokio::io::split(bridge);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = from_session.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let frame = Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
+                    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(frame)).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+            },
+            inp = socket.recv() => match inp {
+                Some(Ok(Message::Binary(b))) => {
+                    if to_session.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                // Pings are answered by the WebSocket layer.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                _ => break,
+            },
+        }
+    }
+    // Dropping our side of the bridge ends the session if it is still running.
+    drop((from_session, to_session));
+    let _ = session.await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(Message::Close(None))).await;
+}
+
 fn code_from_u8(c: u8) -> Option<ConnectReturnCode> {
     Some(match c {
         1 => ConnectReturnCode::RefusedProtocolVersion,
@@ -85,8 +142,7 @@ fn code_from_u8(c: u8) -> Option<ConnectReturnCode> {
 }
 
 /// One device connection, from CONNECT to close.
-async fn session(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+async fn session(shared: Arc<Shared>, stream: Box<dyn Io>, peer: SocketAddr) {
     let (max_in, connect_timeout) = {
         let st = shared.lock();
         (st.behaviour.max_packet_size, st.behaviour.connect_timeout)
@@ -160,7 +216,9 @@ async fn session(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         Ok(c) => c,
         Err(ConnRefusal::TooMany) => {
             tracing::debug!(device = device_id, "emulator MQTT: too many connections");
-            return refuse(&shared, &mut framed, ConnectReturnCode::ServiceUnavailable).await;
+            let code = shared.lock().behaviour.too_many_connections_connack;
+            let code = code_from_u8(code).unwrap_or(ConnectReturnCode::ServiceUnavailable);
+            return refuse(&shared, &mut framed, code).await;
         }
         Err(ConnRefusal::BadCredentials) => {
             return refuse(&shared, &mut framed, ConnectReturnCode::BadUserNamePassword).await;
@@ -265,6 +323,9 @@ impl Session {
                         if f.path == self.command_topic {
                             st.subscribe_command(self.device_id, self.conn_id, true);
                             codes.push(SubscribeReasonCode::Success(QoS::AtMostOnce));
+                        } else if f.path == self.kv_topic && st.faults.refuse_kv_subscriptions {
+                            st.stats.kv_subscriptions_refused_fault += 1;
+                            codes.push(SubscribeReasonCode::Failure);
                         } else if f.path == self.kv_topic {
                             // Queues the reload; it goes out after the SUBACK below.
                             st.subscribe_kv(self.device_id, self.conn_id, true);
@@ -328,17 +389,23 @@ impl Session {
             return Err("QoS 2 is not supported");
         }
         self.publishes = self.publishes.saturating_add(1);
-        let (rate_limited, drop_now) = {
+        let (rate_limited, refused, drop_now) = {
             let mut st = self.shared.lock();
             let drop_now = st
                 .faults
                 .drop_after_publishes
                 .is_some_and(|n| n > 0 && self.publishes >= n);
+            let mut refused = false;
             let rate_limited = if p.topic == self.event_topic {
                 match st.ingest_event(self.device_id, &p.payload, Transport::Mqtt) {
                     EventOutcome::RateLimited(_) => true,
-                    // Invalid events and events of deactivated homes are acked: MQTT has no
-                    // error channel (counted in stats).
+                    // MQTT has no error channel: a refusal closes the session unacked.
+                    EventOutcome::RefusedDeactivated => {
+                        refused = true;
+                        false
+                    }
+                    // Invalid events and (by default) events of deactivated homes are acked
+                    // (counted in stats).
                     EventOutcome::Recorded
                     | EventOutcome::DroppedDeactivated
                     | EventOutcome::Invalid(_) => false,
@@ -353,6 +420,12 @@ impl Session {
                 };
                 match res {
                     Err(KvError::RateLimited(_)) => true,
+                    Err(KvError::HomeDeactivated)
+                        if st.behaviour.deactivated_home == DeactivatedHome::Refuse =>
+                    {
+                        refused = true;
+                        false
+                    }
                     Ok(_) => false,
                     Err(e) => {
                         tracing::debug!(
@@ -373,13 +446,18 @@ impl Session {
             };
             if rate_limited {
                 st.stats.mqtt_sessions_dropped_rate_limit += 1;
+            } else if refused {
+                st.stats.mqtt_sessions_dropped_deactivated += 1;
             } else if drop_now {
                 st.stats.mqtt_sessions_dropped_fault += 1;
             }
-            (rate_limited, drop_now)
+            (rate_limited, refused, drop_now)
         };
         if rate_limited {
             return Err("rate limit exceeded");
+        }
+        if refused {
+            return Err("home deactivated (refused)");
         }
         if drop_now {
             return Err("drop_after_publishes fault");

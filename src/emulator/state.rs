@@ -13,8 +13,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Behaviour, CommandError, DeviceStatus, Faults, KvError, Permission, RecordedEvent, Seed, Stats,
-    Transport,
+    Behaviour, CommandError, DeactivatedHome, DeviceStatus, Faults, KvError, Permission,
+    RecordedEvent, Seed, Stats, Transport,
 };
 
 /// Who a key belongs to.
@@ -106,6 +106,8 @@ pub(crate) enum EventOutcome {
     DroppedDeactivated,
     Invalid(String),
     RateLimited(u32),
+    /// The device's home is deactivated and `deactivated_home` is `Refuse`.
+    RefusedDeactivated,
 }
 
 /// A kv change.
@@ -135,6 +137,8 @@ pub(crate) struct State {
     pub faults: Faults,
     pub behaviour: Behaviour,
     offline: bool,
+    /// Project-wide rate-limit window (`project_rate_limit_per_minute`).
+    project_window: VecDeque<Instant>,
     events_tx: broadcast::Sender<RecordedEvent>,
     event_seq: watch::Sender<u64>,
 }
@@ -184,8 +188,12 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Builds `{"action":..,"parameters":..}` keeping the parameters' JSON text as given.
-pub(crate) fn command_payload(action: &str, raw_params: &str) -> Result<Bytes, CommandError> {
+/// Builds `{"action":..,"parameters":..}` keeping the parameters' JSON text as given;
+/// `parameters` is left out when `raw_params` is `None` (MODE treats it as optional).
+pub(crate) fn command_payload(
+    action: &str,
+    raw_params: Option<&str>,
+) -> Result<Bytes, CommandError> {
     if action.is_empty() {
         return Err(CommandError::InvalidInput(
             "action must not be empty".into(),
@@ -193,9 +201,10 @@ pub(crate) fn command_payload(action: &str, raw_params: &str) -> Result<Bytes, C
     }
     let action =
         serde_json::to_string(action).map_err(|e| CommandError::InvalidInput(e.to_string()))?;
-    Ok(Bytes::from(format!(
-        "{{\"action\":{action},\"parameters\":{raw_params}}}"
-    )))
+    Ok(Bytes::from(match raw_params {
+        Some(p) => format!("{{\"action\":{action},\"parameters\":{p}}}"),
+        None => format!("{{\"action\":{action}}}"),
+    }))
 }
 
 /// Validates an event payload: a JSON object with a string `eventType` and an optional object
@@ -402,6 +411,7 @@ impl State {
             faults: Faults::default(),
             behaviour,
             offline: false,
+            project_window: VecDeque::new(),
             events_tx,
             event_seq,
         }
@@ -668,10 +678,14 @@ impl State {
         transport: Transport,
     ) -> EventOutcome {
         let limit = self.behaviour.rate_limit_per_minute;
+        let project_limit = self.behaviour.project_rate_limit_per_minute;
         let Some(device) = self.devices.get_mut(&device_id) else {
             return EventOutcome::Invalid("unknown device".into());
         };
-        if let Err(secs) = rate_check(&mut device.window, limit, Instant::now()) {
+        let now = Instant::now();
+        if let Err(secs) = rate_check(&mut device.window, limit, now)
+            .and_then(|()| rate_check(&mut self.project_window, project_limit, now))
+        {
             return EventOutcome::RateLimited(secs);
         }
         let home_id = device.home_id;
@@ -684,6 +698,10 @@ impl State {
             }
         };
         let deactivated = self.device_home_deactivated(device_id);
+        if deactivated && self.behaviour.deactivated_home == DeactivatedHome::Refuse {
+            self.stats.events_refused_deactivated += 1;
+            return EventOutcome::RefusedDeactivated;
+        }
         let ev = RecordedEvent {
             seq: if deactivated {
                 0
@@ -784,12 +802,16 @@ impl State {
     ) -> Result<u64, KvError> {
         let deactivated = self.device_home_deactivated(device_id);
         let limit = self.behaviour.rate_limit_per_minute;
+        let project_limit = self.behaviour.project_rate_limit_per_minute;
         let echo = self.behaviour.kv_echo_to_self;
         let Some(device) = self.devices.get_mut(&device_id) else {
             return Err(KvError::UnknownDevice(device_id));
         };
         if device_origin {
-            if let Err(secs) = rate_check(&mut device.window, limit, Instant::now()) {
+            let now = Instant::now();
+            if let Err(secs) = rate_check(&mut device.window, limit, now)
+                .and_then(|()| rate_check(&mut self.project_window, project_limit, now))
+            {
                 return Err(KvError::RateLimited(secs));
             }
         }
@@ -898,11 +920,15 @@ mod tests {
 
     #[test]
     fn command_payload_keeps_raw_parameters() {
-        let p = command_payload("go", r#"{"n":12345678901234567890}"#).unwrap();
+        let p = command_payload("go", Some(r#"{"n":12345678901234567890}"#)).unwrap();
         assert_eq!(
             &p[..],
             br#"{"action":"go","parameters":{"n":12345678901234567890}}"#
         );
-        assert!(command_payload("", "{}").is_err());
+        assert!(command_payload("", Some("{}")).is_err());
+        assert_eq!(
+            &command_payload("go", None).unwrap()[..],
+            br#"{"action":"go"}"#
+        );
     }
 }

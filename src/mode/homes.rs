@@ -1,7 +1,7 @@
 //! MODE's home resource as the project key sees it: `GET /homes/{id}` with
 //! `Authorization: ModeCloud <project key>` answers `{id, projectId, name, creationTime,
 //! deactivated}` (see `mode-api.md` §4; a missing `deactivated` means false). Also the one place
-//! that knows which refusal reasons hint at a deactivated home. This module decides nothing: the
+//! that knows which refusals hint at a deactivated home (by status: MODE names no reason). This module decides nothing: the
 //! home watcher (`crate::homes`) does.
 
 use crate::config::Secret;
@@ -69,18 +69,21 @@ pub async fn home_deactivated(
     Ok(home.deactivated.unwrap_or(false))
 }
 
-/// Whether a refusal of a device's message may mean its home is deactivated (MODE documents no
-/// code for it): any 403, a `HOME_DEACTIVATED` reason, or a reason the hub does not know.
+/// Whether a refusal of a device's message may mean its home is deactivated. MODE documents
+/// no status or reason for that (`mode-api.md` §9), so this decides by HTTP status first: a
+/// 403, or a 4xx the hub has no other meaning for (404, 409, 410, 423, ...), is worth asking
+/// the home watcher; a malformed or oversized request, a missing key (401), a timeout, a rate
+/// limit or a server error is not. Reasons come second and only MODE's own count
+/// (`RATE_LIMIT_EXCEEDED`); any other reason is unknown and changes nothing.
 pub fn hints_deactivation(status: u16, reason: &str) -> bool {
-    const KNOWN: [&str; 6] = [
-        "INVALID_INPUT",
-        "INVALID_KEY",
-        "KEY_NOT_FOUND",
-        "PAYLOAD_TOO_LARGE",
-        "RATE_LIMIT_EXCEEDED",
-        "SERVICE_UNAVAILABLE",
-    ];
-    status == 403 || reason == "HOME_DEACTIVATED" || !KNOWN.contains(&reason)
+    if reason == "RATE_LIMIT_EXCEEDED" {
+        return false;
+    }
+    match status {
+        400 | 401 | 405 | 408 | 411 | 413 | 414 | 415 | 422 | 429 => false,
+        402..=499 => true,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -91,8 +94,14 @@ mod tests {
     fn deactivation_hints() {
         assert!(hints_deactivation(403, "HOME_DEACTIVATED"));
         assert!(hints_deactivation(403, "PERMISSION_DENIED"));
+        assert!(hints_deactivation(403, "Forbidden"));
         assert!(hints_deactivation(409, "SOMETHING_NEW"));
+        // The status decides, whatever name the emulator (or MODE) gives it.
         assert!(!hints_deactivation(400, "INVALID_INPUT"));
-        assert!(!hints_deactivation(404, "KEY_NOT_FOUND"));
+        assert!(!hints_deactivation(400, "HOME_DEACTIVATED"));
+        assert!(!hints_deactivation(413, "Payload Too Large"));
+        assert!(!hints_deactivation(429, "RATE_LIMIT_EXCEEDED"));
+        assert!(!hints_deactivation(503, "SERVICE_UNAVAILABLE"));
+        assert!(!hints_deactivation(409, "RATE_LIMIT_EXCEEDED"));
     }
 }

@@ -14,7 +14,72 @@ use crate::config::{MqttEndpoint, Secret, Transport};
 use crate::local::{Kind, KvChange, KvSnapshot, Row};
 use bytes::Bytes;
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How kv stands for one device: shared by its successive sessions (which report refusals and
+/// oversized reloads into it) and read by status and health. Kv trouble never stops a device's
+/// events or commands; it only shows here.
+#[derive(Debug, Default)]
+pub struct KvHealth {
+    /// What is wrong with kv for this device right now, and since when (unix ms).
+    problem: Mutex<Option<(String, i64)>>,
+    /// No kv subscription before this: the last reload was over the downlink packet limit.
+    skip_until: Mutex<Option<tokio::time::Instant>>,
+    /// kv reads, writes or subscriptions MODE refused.
+    pub refusals: AtomicU64,
+    /// kv reloads larger than the downlink packet limit.
+    pub reloads_too_large: AtomicU64,
+}
+
+impl KvHealth {
+    /// What is wrong with kv for this device (`None`: working, or not tried yet), and since
+    /// when (unix ms).
+    pub fn problem(&self) -> Option<(String, i64)> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_problem(&self, mode_id: u64, why: String) {
+        let mut p = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        if p.as_ref().map(|(w, _)| w) != Some(&why) {
+            tracing::warn!(device = mode_id, problem = %why, "kv degraded for this device; events and commands go on");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            *p = Some((why, now));
+        }
+    }
+
+    pub(crate) fn clear(&self, mode_id: u64) {
+        if self
+            .problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
+        {
+            tracing::info!(device = mode_id, "kv works again for this device");
+        }
+    }
+
+    pub(crate) fn skip_until(&self) -> Option<tokio::time::Instant> {
+        let mut s = self.skip_until.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            *s = None;
+        }
+        *s
+    }
+
+    pub(crate) fn skip_for(&self, d: Duration) {
+        *self.skip_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now() + d);
+    }
+}
 
 /// How to reach MODE as a device.
 #[derive(Clone)]
@@ -27,8 +92,12 @@ pub struct SessionConfig {
     pub keepalive: Duration,
     /// Unacknowledged QoS 1 publishes at once (MQTT; REST sends one at a time to keep order).
     pub inflight: usize,
-    /// Largest packet either way.
+    /// Largest packet the hub sends (and takes over REST).
     pub max_packet: usize,
+    /// Largest MQTT packet taken from MODE: a kv reload carries the whole store in one
+    /// publish, so this is separate and generous. A bigger one is logged, counted in
+    /// [`KvHealth`], and kv is left off for a while instead of reconnecting into it again.
+    pub max_downlink_packet: usize,
     /// Fields the hub adds to events.
     pub stamping: Stamping,
 }
@@ -58,8 +127,9 @@ pub enum SessionEvent {
     /// MODE acknowledged this outbox row (PUBACK, or a 2xx answer).
     Acked(i64),
     /// MODE answered this row with an error (REST). `permanent`: sending it again will never
-    /// work (a 4xx other than 401/403/404/408/429), so it belongs in the dead-letter table;
-    /// otherwise (403, 404, 5xx) the row stays and the session ends.
+    /// work (a 4xx other than 401/403/404/408/409/423/429, or a kv write MODE does not allow
+    /// this device key), so it belongs in the dead-letter table; otherwise (401, 403, 404,
+    /// 409, 423) the row stays and the device is held. A delete of a missing key is `Acked`.
     Rejected {
         row: i64,
         status: u16,
@@ -83,18 +153,20 @@ pub enum Session {
 }
 
 impl Session {
-    /// Logs in as `mode_id` and subscribes to its commands and kv updates.
+    /// Logs in as `mode_id` and subscribes to its commands and kv updates; kv trouble is
+    /// reported into `kv` (kept by the caller across sessions).
     pub async fn connect(
         cfg: &SessionConfig,
         mode_id: u64,
         key: &Secret,
+        kv: &Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
         match cfg.transport {
             Transport::Mqtt => Ok(Session::Mqtt(Box::new(
-                mqtt::Session::connect(cfg, mode_id, key).await?,
+                mqtt::Session::connect(cfg, mode_id, key, Arc::clone(kv)).await?,
             ))),
             Transport::Rest => Ok(Session::Rest(Box::new(
-                rest::Session::connect(cfg, mode_id, key).await?,
+                rest::Session::connect(cfg, mode_id, key, Arc::clone(kv)).await?,
             ))),
         }
     }
@@ -104,6 +176,15 @@ impl Session {
         match self {
             Session::Mqtt(_) => None,
             Session::Rest(s) => s.take_initial_kv(),
+        }
+    }
+
+    /// MQTT: the kv subscription is under way and MODE's reload has not arrived yet (the
+    /// caller holds its sends until it does, so the reload cannot wipe a change it just made).
+    pub fn awaits_reload(&self) -> bool {
+        match self {
+            Session::Mqtt(s) => s.awaits_reload(),
+            Session::Rest(_) => false,
         }
     }
 

@@ -1,16 +1,23 @@
-//! One device's REST + WebSocket session with MODE, for networks that allow only HTTPS.
+//! One device's REST + WebSocket session with MODE, the fallback for networks that allow only
+//! HTTPS (MQTT over `wss://` is the better one: it keeps kv push).
 //!
 //! Events go as `PUT /devices/{id}/event` (204 = delivered), kv changes as
 //! `PUT /devices/{id}/kv/{key}` `{"value":V}` and `DELETE /devices/{id}/kv/{key}`, commands arrive
 //! as text frames on the WebSocket `/devices/{id}/command`, and the kv store is read with
-//! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision. One
-//! request is in flight at a time, so MODE sees a device's messages in outbox order. `429`
-//! waits for `Retry-After` and sends the same request again; a transient failure (5xx, network)
-//! is retried a few times before the session ends. All devices share one pooled HTTP client.
-//! The session pings the WebSocket every 30 s and ends when a pong does not come back. This
-//! module must not decide what to send or keep anything across sessions.
+//! `GET /devices/{id}/kv` on every (re)connect and handed up as a `reload` without revision.
+//! MODE documents kv REST for applications, not for device keys: when MODE refuses the kv
+//! read, kv is degraded for the session (reported in [`KvHealth`]; refused kv writes go to the
+//! dead letters) and the device's events and commands never wait for it. When the read worked,
+//! a refused kv write means something else (a deactivated home, say) and is held like an event. REST never hears kv changes made in the cloud
+//! during a session: they arrive with the next session's read. A delete of a key MODE does not
+//! have (404) is done. One request is in flight at a time, so MODE sees a device's messages in
+//! outbox order. `429` waits for `Retry-After` and sends the same request again; a transient
+//! failure (5xx, network) is retried a few times before the session ends; any other 4xx that
+//! sending again cannot fix is reported permanent (dead letters). All devices share one pooled
+//! HTTP client. The session pings the WebSocket every 30 s and ends when a pong does not come
+//! back. This module must not decide what to send or keep anything across sessions.
 
-use super::{ConnectError, SessionConfig, SessionEvent, Stamping};
+use super::{ConnectError, KvHealth, SessionConfig, SessionEvent, Stamping};
 use crate::config::Secret;
 use crate::local::{Kind, Row};
 use bytes::Bytes;
@@ -18,6 +25,8 @@ use futures_util::{SinkExt, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -65,10 +74,38 @@ pub(crate) fn reason_of(status: reqwest::StatusCode, body: &[u8]) -> String {
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("UNKNOWN").to_string())
 }
 
+/// What a refusal (a 4xx other than 408 and 429) means for the row that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Nothing left to do: deleting a key MODE does not have.
+    Done,
+    /// kv over REST is not allowed for this device key: the row is dropped to the dead
+    /// letters and kv is marked degraded; events and commands go on.
+    KvRefused,
+    /// The row may go through later (a key, permission or home problem that an operator or
+    /// MODE fixes): the uplink holds the device and retries.
+    Hold,
+    /// Sending it again can never work (bad request, too large...): dead letters.
+    Permanent,
+}
+
+/// Decides by HTTP status (MODE's `reason` values are not documented for device calls).
+/// `kv_readable`: this session's `GET kv` worked, so kv REST is allowed to this key and a
+/// refused kv write means something else (a deactivated home, say): it is held like an event.
+fn verdict(kind: Kind, status: u16, kv_readable: bool) -> Verdict {
+    match (kind, status) {
+        (Kind::KvDelete, 404 | 410) => Verdict::Done,
+        (Kind::KvSet | Kind::KvDelete, 401 | 403 | 404 | 405) if !kv_readable => Verdict::KvRefused,
+        (_, 401 | 403 | 404 | 409 | 423) => Verdict::Hold,
+        _ => Verdict::Permanent,
+    }
+}
+
 /// One request that can be sent again.
 #[derive(Clone)]
 struct Request {
     row: i64,
+    kind: Kind,
     method: reqwest::Method,
     url: String,
     body: Option<Vec<u8>>,
@@ -96,6 +133,10 @@ pub struct Session {
     queued: VecDeque<SessionEvent>,
     ping: tokio::time::Interval,
     awaiting_pong: bool,
+    /// Where kv refusals are reported (kept across sessions by the caller).
+    kv: Arc<KvHealth>,
+    /// This session's `GET kv` worked (kv REST is allowed to this device key).
+    kv_readable: bool,
 }
 
 impl Session {
@@ -104,12 +145,14 @@ impl Session {
         cfg: &SessionConfig,
         mode_id: u64,
         key: &Secret,
+        kv: Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
         let base = cfg.api_url.trim_end_matches('/').to_string();
         let auth = auth(key);
         let client = http_client();
         let transport = |e: reqwest::Error| ConnectError::Transport(format!("{base}: {e}"));
-        // The kv store first: it also proves the key works for this device.
+        // The kv store first. A refusal degrades kv only: the command WebSocket below is what
+        // proves the key works for this device.
         let resp = client
             .get(format!("{base}/devices/{mode_id}/kv"))
             .header("Authorization", &auth)
@@ -118,18 +161,27 @@ impl Session {
             .map_err(transport)?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
+        let (reload, kv_refused) = if status.is_success() {
+            let reload = reload_from_rest(&body)
+                .map_err(|e| ConnectError::Transport(format!("GET kv answered {e}")))?;
+            (Some(reload), None)
+        } else {
             let reason = reason_of(status, &body);
-            return Err(match status.as_u16() {
-                401 | 403 => ConnectError::Refused {
-                    auth: status.as_u16() == 401 || reason == "PERMISSION_DENIED",
-                    detail: format!("{status} {reason}"),
-                },
-                _ => ConnectError::Transport(format!("GET kv: {status} {reason}")),
-            });
-        }
-        let reload = reload_from_rest(&body)
-            .map_err(|e| ConnectError::Transport(format!("GET kv answered {e}")))?;
+            match status.as_u16() {
+                401 => {
+                    return Err(ConnectError::Refused {
+                        auth: true,
+                        detail: format!("{status} {reason}"),
+                    })
+                }
+                403..=405 => (None, Some(format!("GET kv: {status} {reason}"))),
+                _ => {
+                    return Err(ConnectError::Transport(format!(
+                        "GET kv: {status} {reason}"
+                    )))
+                }
+            }
+        };
 
         let ws_url = if let Some(rest) = base.strip_prefix("https://") {
             format!("wss://{rest}/devices/{mode_id}/command")
@@ -167,7 +219,17 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + WS_PING_EVERY, WS_PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut queued = VecDeque::new();
-        queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
+        if let Some(reload) = reload {
+            queued.push_back(SessionEvent::Kv(Bytes::from(reload)));
+        }
+        let kv_readable = kv_refused.is_none();
+        match kv_refused {
+            Some(why) => {
+                kv.refusals.fetch_add(1, Relaxed);
+                kv.set_problem(mode_id, format!("MODE refused kv over REST ({why})"));
+            }
+            None => kv.clear(mode_id),
+        }
         Ok(Session {
             base,
             mode_id,
@@ -179,6 +241,8 @@ impl Session {
             queued,
             ping,
             awaiting_pong: false,
+            kv,
+            kv_readable,
         })
     }
 
@@ -241,6 +305,7 @@ impl Session {
         };
         let req = Request {
             row: row.id,
+            kind: row.kind,
             method,
             url,
             body,
@@ -299,11 +364,25 @@ impl Session {
                     self.pending = None;
                     let (req, tries) = self.current.take().expect("a pending request has a row");
                     match outcome {
-                        Outcome::Done => return SessionEvent::Acked(req.row),
-                        Outcome::Refused { status, reason } => {
-                            let permanent = !matches!(status, 401 | 403 | 404 | 409 | 423);
-                            return SessionEvent::Rejected { row: req.row, status, reason, permanent };
+                        Outcome::Done => {
+                            if req.kind != Kind::Event {
+                                self.kv.clear(self.mode_id);
+                            }
+                            return SessionEvent::Acked(req.row);
                         }
+                        Outcome::Refused { status, reason } => match verdict(req.kind, status, self.kv_readable) {
+                            Verdict::Done => return SessionEvent::Acked(req.row),
+                            Verdict::KvRefused => {
+                                self.kv.refusals.fetch_add(1, Relaxed);
+                                self.kv.set_problem(self.mode_id, format!("MODE refused a kv write over REST ({status} {reason}); refused writes go to the dead letters"));
+                                let reason = format!("kv over REST refused: {reason}");
+                                return SessionEvent::Rejected { row: req.row, status, reason, permanent: true };
+                            }
+                            v => {
+                                let permanent = v == Verdict::Permanent;
+                                return SessionEvent::Rejected { row: req.row, status, reason, permanent };
+                            }
+                        },
                         Outcome::Throttled(d) => {
                             self.resume_at = Some(tokio::time::Instant::now() + d);
                             self.current = Some((req, tries));
@@ -398,6 +477,23 @@ fn reload_from_rest(body: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_judged_by_status() {
+        for readable in [true, false] {
+            assert_eq!(verdict(Kind::KvDelete, 404, readable), Verdict::Done);
+            assert_eq!(verdict(Kind::Event, 403, readable), Verdict::Hold);
+            assert_eq!(verdict(Kind::Event, 404, readable), Verdict::Hold);
+            assert_eq!(verdict(Kind::Event, 400, readable), Verdict::Permanent);
+            assert_eq!(verdict(Kind::KvSet, 400, readable), Verdict::Permanent);
+            assert_eq!(verdict(Kind::Event, 413, readable), Verdict::Permanent);
+        }
+        // kv REST refused to this key (the read failed too): kv only.
+        assert_eq!(verdict(Kind::KvSet, 403, false), Verdict::KvRefused);
+        assert_eq!(verdict(Kind::KvDelete, 403, false), Verdict::KvRefused);
+        // The read worked: a refused write is something else (a deactivated home?): held.
+        assert_eq!(verdict(Kind::KvSet, 403, true), Verdict::Hold);
+    }
 
     #[test]
     fn rest_kv_list_becomes_a_revisionless_reload() {

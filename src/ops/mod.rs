@@ -160,6 +160,10 @@ pub struct DeviceStatus {
     pub oldest_pending_secs: Option<u64>,
     pub last_error: Option<String>,
     pub last_error_secs_ago: Option<u64>,
+    /// What is wrong with kv for this device (MODE refused it, a reload too large...); `None`
+    /// when kv works. Events and commands are not affected.
+    #[serde(default)]
+    pub kv_problem: Option<String>,
 }
 
 /// `/status.json`: what `modehub status` prints.
@@ -467,6 +471,29 @@ impl OpsContext {
                 format!("{queued} messages queued")
             },
         });
+        // kv: shown, never failing the hub (events and commands do not depend on it).
+        let view = self.view();
+        let degraded: Vec<String> = view
+            .registry
+            .iter()
+            .filter_map(|d| {
+                let p = view.uplinks[d.id].kv.problem()?;
+                Some(format!("{}: {}", d.name, p.0))
+            })
+            .collect();
+        checks.push(Check {
+            name: "kv".into(),
+            ok: true,
+            detail: if degraded.is_empty() {
+                "no kv problem".into()
+            } else {
+                format!(
+                    "kv degraded for {} device(s), events and commands unaffected: {}",
+                    degraded.len(),
+                    degraded.join("; ")
+                )
+            },
+        });
         Health {
             healthy: checks.iter().all(|c| c.ok),
             checks,
@@ -499,6 +526,7 @@ impl OpsContext {
                     oldest_pending_secs: dd.oldest_ms.map(|t| ((now - t).max(0) / 1000) as u64),
                     last_error_secs_ago: err.as_ref().map(|e| ((now - e.1).max(0) / 1000) as u64),
                     last_error: err.map(|e| e.0),
+                    kv_problem: view.uplinks[d.id].kv.problem().map(|p| p.0),
                 }
             })
             .collect();

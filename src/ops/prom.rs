@@ -275,6 +275,34 @@ pub async fn render(ctx: &OpsContext) -> String {
             age,
         );
     }
+    let uplinks = ctx.view().uplinks.clone();
+    for (name, help, pick) in [
+        (
+            "modehub_kv_refusals_total",
+            "kv reads, writes or subscriptions MODE refused, per device (kv degraded, events unaffected).",
+            0usize,
+        ),
+        (
+            "modehub_kv_reloads_too_large_total",
+            "kv reloads over [cloud] max_downlink_packet_bytes, per device.",
+            1,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for (d, _) in &devices {
+            let kv = &uplinks[d.id].kv;
+            let v = if pick == 0 {
+                kv.refusals.load(Relaxed)
+            } else {
+                kv.reloads_too_large.load(Relaxed)
+            };
+            o.sample(
+                name,
+                &[("device", &d.name), ("mode_id", &d.mode_id.to_string())],
+                v,
+            );
+        }
+    }
     o.family(
         "modehub_command_queue_depth",
         "gauge",

@@ -204,6 +204,11 @@ pub fn render_table(r: &StatusReport) -> String {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         out.push_str(&line(&cells));
     }
+    for d in r.devices.iter() {
+        if let Some(p) = &d.kv_problem {
+            out.push_str(&format!("kv degraded on {}: {p}\n", d.name));
+        }
+    }
     let queued: u64 = r.devices.iter().map(|d| d.queued).sum();
     out.push_str(&format!(
         "\n{} devices, {} upstream up, {} connected locally, {} queued\n",

@@ -71,8 +71,10 @@ impl Writer {
             .optional()?;
         let applied = match change {
             KvChange::Reload { rev, items } => {
+                // A reload is always the truth (MODE's SDK applies every `syncReload`): its rev
+                // may be lower than the one held when the store was re-created in the cloud.
+                // Only set/delete are filtered by rev.
                 let new_rev = match (rev, state) {
-                    (Some(r), Some((held, _))) if r <= held => None,
                     (Some(r), _) => Some(r),
                     (None, Some((held, _))) => Some(held),
                     (None, None) => Some(0),

@@ -274,10 +274,32 @@ async fn kv_mirror_follows_modes_revision_rule_and_serves_local_changes() {
         !ob.kv_apply(1, set(13, "b", "late")).await.unwrap(),
         "tombstone keeps its rev"
     );
+    // A reload is the truth whatever its rev (MODE's SDK always applies it): a store
+    // re-created in the cloud starts its revisions again.
     assert!(
-        !ob.kv_apply(1, reload).await.unwrap(),
-        "a stale reload is ignored"
+        ob.kv_apply(1, reload).await.unwrap(),
+        "a reload with an older rev is applied"
     );
+    let snap = ob.kv_snapshot(1).await.unwrap();
+    assert_eq!((snap.loaded, snap.rev), (true, 10));
+    assert_eq!(
+        snap.items,
+        vec![("a".into(), "1".into()), ("b".into(), "\"x\"".into())]
+    );
+    // Set/delete are filtered against the reload's rev again.
+    assert!(!ob.kv_apply(1, set(10, "a", "old")).await.unwrap());
+    assert!(ob.kv_apply(1, set(12, "a", "12")).await.unwrap());
+    assert!(ob.kv_apply(1, set(11, "c", "3")).await.unwrap());
+    assert!(ob
+        .kv_apply(
+            1,
+            KvChange::Delete {
+                rev: 13,
+                key: "b".into()
+            }
+        )
+        .await
+        .unwrap());
     let snap = ob.kv_snapshot(1).await.unwrap();
     assert_eq!((snap.loaded, snap.rev), (true, 13));
     assert_eq!(

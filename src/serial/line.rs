@@ -1258,6 +1258,36 @@ mod tests {
     }
 
     #[test]
+    fn a_command_without_parameters() {
+        // MODE's `parameters` is optional: JSON lines show `{}`, compact lines no pairs.
+        let mut out = Vec::new();
+        encode_down(
+            "g",
+            DownKind::Command,
+            br#"{"action":"reboot"}"#,
+            LineFormat::Json,
+            false,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            b"{\"dev\":\"g\",\"command\":\"reboot\",\"parameters\":{}}\n"
+        );
+        out.clear();
+        encode_down(
+            "g",
+            DownKind::Command,
+            br#"{"action":"reboot"}"#,
+            LineFormat::Compact,
+            false,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "C g reboot\n");
+    }
+
+    #[test]
     fn down_lines() {
         let mut out = Vec::new();
         let n = encode_down(

@@ -3,7 +3,7 @@
 
 use crate::common::*;
 use modehub::config::Config;
-use modehub::emulator::Emulator;
+use modehub::emulator::{Behaviour, Emulator};
 use modehub::Hub;
 use rumqttc::{QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
@@ -14,7 +14,13 @@ use std::time::Duration;
 const TRANSPORTS: [&str; 2] = ["mqtt", "rest"];
 
 async fn start(transport: &str, n: usize, hub_extra: &str) -> (Emulator, Hub, tempfile::TempDir) {
-    let emu = emulator(n).await;
+    // kv over REST exists only where MODE allows it to device keys (the other setting:
+    // mode_fidelity::rest_kv_refused_degrades_kv_only).
+    let emu = emulator_with(n, |b| Behaviour {
+        device_key_kv_rest: true,
+        ..b
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let text = hub_config_text(&emu, dir.path(), n, &format!("transport = \"{transport}\""))
         .replace("[local.mqtt]", &format!("{hub_extra}\n[local.mqtt]"));

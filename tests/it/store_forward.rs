@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use modehub::config::Config;
-use modehub::emulator::Faults;
+use modehub::emulator::{Behaviour, DeactivatedHome, Faults};
 use modehub::homes::HomeState;
 use modehub::outbox::{Capture, Kind, NewRecord};
 use modehub::uplink::Hold;
@@ -157,7 +157,13 @@ async fn deactivated_home_is_held_and_released_in_order_while_the_other_home_flo
 /// active: nothing is lost, and a repeat carries its original `_seq` (detectable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_mode_dropped_before_the_hub_saw_the_deactivation_are_sent_again() {
-    let emu = emulator(1).await;
+    // MODE dropping a deactivated home's events is the scenario (the refusing setting is
+    // covered by the hold tests).
+    let emu = emulator_with(1, |b| Behaviour {
+        deactivated_home: DeactivatedHome::Drop,
+        ..b
+    })
+    .await;
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
     let cloud = format!("{}{FAST}", project_key(dir.path()));
@@ -219,7 +225,12 @@ async fn events_mode_dropped_before_the_hub_saw_the_deactivation_are_sent_again(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_project_key_a_refusal_holds_the_device_and_it_retries() {
-    let emu = emulator(2).await;
+    // The refused kv write is the trigger: kv over REST must be allowed to the device key.
+    let emu = emulator_with(2, |b| Behaviour {
+        device_key_kv_rest: true,
+        ..b
+    })
+    .await;
     let h = emu.handle();
     let dir = tempfile::tempdir().unwrap();
     // REST: MODE answers a kv write of a deactivated home with 403 HOME_DEACTIVATED.

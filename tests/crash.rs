@@ -259,6 +259,17 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
     }
 
     // SIGTERM: stop accepting, finish the commit, close sessions, exit 0.
+    let log_tail = || {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<_> = log.lines().rev().take(60).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    if let Some(s) = child.try_wait().unwrap() {
+        panic!(
+            "seed {seed}: the last hub ended by itself before SIGTERM ({s})\nhub log:\n{}",
+            log_tail()
+        );
+    }
     let t = Instant::now();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = loop {
@@ -267,12 +278,19 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         }
         if t.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
-            panic!("the hub did not stop within 30 s of SIGTERM");
+            panic!(
+                "seed {seed}: the hub did not stop within 30 s of SIGTERM\nhub log:\n{}",
+                log_tail()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let term_time = t.elapsed();
-    assert!(status.success(), "SIGTERM exit status: {status}");
+    assert!(
+        status.success(),
+        "seed {seed}: SIGTERM exit status: {status}\nhub log:\n{}",
+        log_tail()
+    );
 
     let p50 = percentile(&mut latencies, 0.5);
     let p99 = percentile(&mut latencies, 0.99);

@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Where a device's downstream messages go.
 #[derive(Clone)]
@@ -78,7 +79,7 @@ impl Downlink {
         self,
         mut local: mpsc::Receiver<LocalEvent>,
         mut down: mpsc::Receiver<Downstream>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         // Grows when a reload adds device slots.
         let mut presence: Vec<Presence> = Vec::new();
@@ -100,7 +101,7 @@ impl Downlink {
                     None => return,
                 },
                 _ = sweep.tick() => self.sweep().await,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// What the hub knows about a home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +288,7 @@ pub async fn run(
     api_url: String,
     project_key: Option<Secret>,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let Some(key) = project_key else {
         if !homes.home_ids().is_empty() {
@@ -300,7 +301,7 @@ pub async fn run(
             let asked = std::time::Instant::now();
             let answer = tokio::select! {
                 a = crate::mode::homes::home_deactivated(&api_url, &key, home) => a,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             };
             if let Err(e) = &answer {
                 if e.is_auth() {
@@ -315,10 +316,7 @@ pub async fn run(
                 tracing::debug!("home watcher poked");
                 tokio::time::sleep(POKE_DEBOUNCE).await;
             }
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -44,6 +44,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What ops and the `Hub` accessors read per device slot (index = [`DeviceId`]); replaced
 /// whole on a reload. Retired slots keep their entries so indexes stay valid.
@@ -58,9 +60,10 @@ pub struct DeviceView {
 /// Shared, swappable [`DeviceView`].
 pub type SharedView = Arc<RwLock<Arc<DeviceView>>>;
 
-/// A running task with its own stop switch (a device's uplink, a serial port).
+/// A running task with its own stop switch (a device's uplink, a serial port): a child of the
+/// hub's shutdown token, so the hub's stop reaches it too, and tracked by the hub's tracker.
 struct Stoppable {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -69,7 +72,7 @@ impl Stoppable {
     /// `STOP_WAIT` is aborted, so it can never run on beside its replacement.
     async fn stop_all(all: Vec<Stoppable>) {
         for s in &all {
-            let _ = s.stop.send(true);
+            s.stop.cancel();
         }
         let waits = all.into_iter().map(|s| async move {
             let abort = s.task.abort_handle();
@@ -104,6 +107,9 @@ struct UplinkParts {
     per_device_rate: u32,
     refusal_retry: Duration,
     retain_acked: Duration,
+    /// The hub's shutdown token (each uplink gets a child) and task tracker.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl UplinkParts {
@@ -122,7 +128,7 @@ impl UplinkParts {
             .entry(d.mode_id)
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone();
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = self.shutdown.child_token();
         let up = DeviceUplink {
             device: d.clone(),
             outbox: self.outbox.clone(),
@@ -131,7 +137,7 @@ impl UplinkParts {
             downstream: self.downstream.clone(),
             metrics: self.metrics.clone(),
             state,
-            shutdown: stop_rx,
+            shutdown: stop.clone(),
             pacer: self.pacer.clone(),
             pace,
             homes: self.homes.clone(),
@@ -139,7 +145,7 @@ impl UplinkParts {
             retain_acked: self.retain_acked,
             status: status.clone(),
         };
-        let task = tokio::spawn(up.run());
+        let task = self.tracker.spawn(up.run());
         (state_rx, status, Stoppable { stop, task })
     }
 }
@@ -149,6 +155,8 @@ struct SerialParts {
     router: Router,
     metrics: Arc<Metrics>,
     events: mpsc::Sender<downlink::LocalEvent>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl SerialParts {
@@ -159,8 +167,8 @@ impl SerialParts {
             .iter()
             .filter_map(|n| registry.lookup(n).map(|d| d.id))
             .collect();
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serial::run_port(serial::PortContext {
+        let stop = self.shutdown.child_token();
+        let task = self.tracker.spawn(serial::run_port(serial::PortContext {
             cfg: cfg.clone(),
             devices: devices.clone(),
             registry: registry.clone(),
@@ -168,7 +176,7 @@ impl SerialParts {
             metrics: self.metrics.clone(),
             events: self.events.clone(),
             down: rx,
-            shutdown: stop_rx,
+            shutdown: stop.clone(),
         }));
         RunningPort {
             cfg: cfg.clone(),
@@ -209,8 +217,12 @@ pub struct Hub {
     homes: Arc<homes::Homes>,
     pacer: Arc<pacing::Pacer>,
     clock: Option<Arc<clock::ClockWatch>>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// One shutdown: cancelled once by [`Hub::shutdown`]; every task of the hub watches it (or a
+    /// child of it) and runs on `tracker`, which the stop waits for.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// The local broker still takes a `watch` stop switch; set together with `shutdown`.
+    broker_stop: watch::Sender<bool>,
     /// Per slot: the device's uplink (`None` once retired).
     uplinks: Vec<Option<Stoppable>>,
     ports: Vec<RunningPort>,
@@ -287,15 +299,14 @@ impl Hub {
             },
             notifier,
         )?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (broker_stop, broker_stop_rx) = watch::channel(false);
         let (capture_clock, clock_watch) = match opts.clock {
             Some(c) => (c, None),
             None => {
                 let w = clock::ClockWatch::system(cfg.hub.trust_clock);
-                tasks.push(tokio::spawn(
-                    w.clone().run(outbox.clone(), shutdown_rx.clone()),
-                ));
+                tracker.spawn(w.clone().run(outbox.clone(), shutdown.clone()));
                 (w.clock(), Some(w))
             }
         };
@@ -310,13 +321,15 @@ impl Hub {
         let (local_tx, local_rx) = mpsc::channel(1024);
         // ops watches local presence on its way to the downlink (status: "local connected?").
         let presence = Arc::new(presence::Presence::new(registry.len()));
-        let local_rx = presence.clone().tap(local_rx);
+        let local_rx = presence.clone().tap(local_rx, &tracker);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
         // downlink fills without waiting.
         let serial_parts = SerialParts {
             router: router.clone(),
             metrics: metrics.clone(),
             events: local_tx.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
         };
         let ports: Vec<RunningPort> = cfg
             .serial
@@ -331,7 +344,7 @@ impl Hub {
             router,
             metrics.clone(),
             local_tx,
-            shutdown_rx.clone(),
+            broker_stop_rx,
         )
         .await?;
         let local_addr = broker.local_addr();
@@ -347,11 +360,7 @@ impl Hub {
                 command_ttl: Duration::from_secs(cfg.hub.command_ttl_secs),
             },
         };
-        tasks.push(tokio::spawn(down.run(
-            local_rx,
-            down_rx,
-            shutdown_rx.clone(),
-        )));
+        tracker.spawn(down.run(local_rx, down_rx, shutdown.clone()));
         let endpoint = cfg
             .cloud
             .mqtt_endpoint()
@@ -372,13 +381,13 @@ impl Hub {
             registry.iter().map(|d| (d.mode_id, d.home_id)),
             cfg.cloud.project_key.is_some(),
         );
-        tasks.push(tokio::spawn(homes::run(
+        tracker.spawn(homes::run(
             homes.clone(),
             cfg.cloud.api_url.clone(),
             cfg.cloud.project_key.clone(),
             Duration::from_secs(cfg.cloud.home_poll_interval_secs),
-            shutdown_rx.clone(),
-        )));
+            shutdown.clone(),
+        ));
         let pacer = pacing::Pacer::new(
             cfg.cloud.max_project_messages_per_minute,
             cfg.cloud.max_messages_per_minute,
@@ -395,6 +404,8 @@ impl Hub {
             refusal_retry: Duration::from_secs(cfg.cloud.home_poll_interval_secs),
             // Two polls and some slack: a deactivation is seen within one poll interval.
             retain_acked: Duration::from_secs(2 * cfg.cloud.home_poll_interval_secs + 10),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
         };
         let mut uplinks = Vec::new();
         let mut sessions = Vec::new();
@@ -427,7 +438,8 @@ impl Hub {
             pacer,
             clock: clock_watch,
             shutdown,
-            tasks,
+            tracker,
+            broker_stop,
             uplinks,
             ports,
             adapters,
@@ -585,9 +597,11 @@ impl Hub {
             .collect()
     }
 
-    /// Stops accepting, closes sessions, and waits for the outbox's last commit.
+    /// Stops accepting, closes sessions, waits for every task of the hub, and then for the
+    /// outbox's last commit.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
+        let _ = self.broker_stop.send(true);
         let stopping: Vec<Stoppable> = self
             .uplinks
             .drain(..)
@@ -595,8 +609,15 @@ impl Hub {
             .chain(self.ports.drain(..).map(|p| p.run))
             .collect();
         Stoppable::stop_all(stopping).await;
-        for t in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        self.tracker.close();
+        if tokio::time::timeout(STOP_WAIT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tracker.len(),
+                "some tasks did not end within {STOP_WAIT:?} of the stop; leaving them"
+            );
         }
         let thread = self.outbox_thread.take();
         drop(self);

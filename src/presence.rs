@@ -7,6 +7,7 @@ use crate::local::{ConnId, LocalEvent};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
 
 /// Which devices have a live local connection (MQTT client or open serial port).
 ///
@@ -27,10 +28,15 @@ impl Presence {
         }
     }
 
-    /// Passes every event of `rx` on to the returned receiver, noting presence on the way.
-    pub fn tap(self: Arc<Self>, mut rx: mpsc::Receiver<LocalEvent>) -> mpsc::Receiver<LocalEvent> {
+    /// Passes every event of `rx` on to the returned receiver, noting presence on the way (a
+    /// task on `tracker` that ends when every sender of `rx` is gone or the receiver is dropped).
+    pub fn tap(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<LocalEvent>,
+        tracker: &TaskTracker,
+    ) -> mpsc::Receiver<LocalEvent> {
         let (tx, out) = mpsc::channel(rx.max_capacity());
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             while let Some(ev) = rx.recv().await {
                 self.apply(&ev);
                 let ev = match tx.try_send(ev) {

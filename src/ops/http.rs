@@ -11,14 +11,16 @@ use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Binds `addr` and serves until `shutdown` turns true. Returns the bound address and the task.
+/// Binds `addr` and serves on `tracker` until `shutdown` is cancelled. Returns the bound address.
 pub async fn serve(
     ctx: Arc<OpsContext>,
     addr: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on [ops] listen = \"{addr}\": {e}. Pick a free port, or set listen = \"off\" to switch the health/metrics endpoint off"
@@ -31,23 +33,16 @@ pub async fn serve(
         .route("/status.json", get(status))
         .route("/", get(index))
         .with_state(ctx);
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
+    tracker.spawn(async move {
         if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
         {
             tracing::error!(error = %e, "ops endpoint stopped");
         }
     });
     tracing::info!(addr = %bound, "ops endpoint listening (/healthz, /metrics, /status.json)");
-    Ok((bound, task))
+    Ok(bound)
 }
 
 async fn index() -> &'static str {

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 const T: Duration = Duration::from_secs(10);
@@ -43,7 +43,7 @@ struct Rig {
     router: Router,
     outbox: Outbox,
     metrics: Arc<Metrics>,
-    shutdown: watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Rig {
@@ -78,7 +78,7 @@ impl Rig {
             router,
             outbox,
             metrics,
-            shutdown: watch::channel(false).0,
+            shutdown: Default::default(),
         }
     }
 
@@ -99,7 +99,7 @@ impl Rig {
             metrics: self.metrics.clone(),
             events: ev_tx,
             down: rx,
-            shutdown: self.shutdown.subscribe(),
+            shutdown: self.shutdown.clone(),
         }));
         (tx, ev_rx)
     }
@@ -139,7 +139,7 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
     }
 }
 

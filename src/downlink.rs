@@ -8,33 +8,22 @@
 //! MODE is unreachable. It must not talk to MODE or parse event payloads.
 
 use crate::broker::LocalBroker;
+use crate::generation::{DeviceView, SharedView};
 pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
 use crate::local::{DeviceId, KvChange, TopicKind};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::SharedRegistry;
 use crate::timing::now_ms;
 use crate::uplink::Downstream;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Where a device's downstream messages go.
-#[derive(Clone)]
-pub enum Adapter {
-    /// The local MQTT broker (the device subscribes to its topics).
-    Mqtt,
-    /// A serial port's bounded write queue.
-    Serial(mpsc::Sender<DownMsg>),
-}
-
-/// Per device slot (by `DeviceId`), where its messages go; the hub updates it on a reload
-/// (a slot not listed goes to the MQTT broker).
-pub type Adapters = Arc<RwLock<Vec<Adapter>>>;
+pub use crate::generation::Adapter;
 
 /// Settings of the way down.
 #[derive(Debug, Clone)]
@@ -65,15 +54,21 @@ impl Presence {
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Downlink {
-    pub registry: Arc<SharedRegistry>,
+    /// The hub's current generation: the device table and where each slot's messages go, read
+    /// together from one snapshot.
+    pub view: SharedView,
     pub broker: LocalBroker,
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
-    pub adapters: Adapters,
     pub cfg: DownlinkConfig,
 }
 
 impl Downlink {
+    /// The generation in force.
+    fn generation(&self) -> Arc<DeviceView> {
+        self.view.read().expect("view lock").clone()
+    }
+
     /// Runs until shutdown or until both inputs close.
     pub async fn run(
         self,
@@ -136,15 +131,14 @@ impl Downlink {
 
     /// Hands a message to the device's adapter.
     fn hand_over(&self, dev: DeviceId, kind: DownKind, payload: Bytes) -> Result<(), String> {
-        let adapters = self.adapters.read().expect("adapters lock");
-        match adapters.get(dev).unwrap_or(&Adapter::Mqtt) {
+        let generation = self.generation();
+        match generation.adapter(dev) {
             Adapter::Mqtt => {
                 let sub = match kind {
                     DownKind::Command => "command",
                     DownKind::Kv => "kv",
                 };
-                self.broker
-                    .deliver(&self.registry.load(), dev, sub, payload)
+                self.broker.deliver(&generation.registry, dev, sub, payload)
             }
             Adapter::Serial(tx) => {
                 if crate::serial::offer(tx, DownMsg { dev, kind, payload }, &self.metrics.serial) {
@@ -157,7 +151,7 @@ impl Downlink {
     }
 
     async fn command(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
         if presence.get(dev).is_some_and(Presence::commands) {
@@ -202,7 +196,7 @@ impl Downlink {
 
     /// Delivers, in order, what waited for `dev`; expired ones are counted, never delivered.
     async fn flush_commands(&self, dev: DeviceId) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
         let taken = match self.outbox.take_commands(d.mode_id, now_ms()).await {
@@ -237,8 +231,8 @@ impl Downlink {
                 for (mode_id, n) in per {
                     self.metrics.down.commands_expired.fetch_add(n, Relaxed);
                     let name = self
+                        .generation()
                         .registry
-                        .load()
                         .by_mode_id(mode_id)
                         .map(|d| d.name.clone())
                         .unwrap_or_else(|| mode_id.to_string());
@@ -252,7 +246,7 @@ impl Downlink {
 
     /// Sends the device its whole store (mirror + local changes not yet acknowledged by MODE).
     async fn serve_reload(&self, dev: DeviceId) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         match self.outbox.kv_snapshot(d.mode_id).await {
             Ok(snap) => {
@@ -271,7 +265,7 @@ impl Downlink {
     }
 
     async fn kv(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
         let change = match crate::mode::parse_kv(&payload) {

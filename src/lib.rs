@@ -17,6 +17,7 @@ pub mod demo;
 pub mod downlink;
 #[cfg(feature = "emulator")]
 pub mod emulator;
+pub mod generation;
 pub mod homes;
 pub mod local;
 pub mod metrics;
@@ -32,6 +33,7 @@ pub mod timing;
 pub mod uplink;
 
 use crate::config::{Config, SerialConfig};
+pub use crate::generation::{DeviceView, SharedView};
 use crate::metrics::Metrics;
 use crate::mode::SessionConfig;
 use crate::outbox::{Notifier, Outbox, OutboxOptions};
@@ -46,19 +48,6 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// What ops and the `Hub` accessors read per device slot (index = [`DeviceId`]); replaced
-/// whole on a reload. Retired slots keep their entries so indexes stay valid.
-pub struct DeviceView {
-    pub registry: Arc<Registry>,
-    pub sessions: Vec<watch::Receiver<SessionState>>,
-    pub uplinks: Vec<Arc<UplinkStatus>>,
-    /// `mqtt` or `serial <port>`.
-    pub transports: Vec<String>,
-}
-
-/// Shared, swappable [`DeviceView`].
-pub type SharedView = Arc<RwLock<Arc<DeviceView>>>;
 
 /// A running task with its own stop switch (a device's uplink, a serial port): a child of the
 /// hub's shutdown token, so the hub's stop reaches it too, and tracked by the hub's tracker.
@@ -160,7 +149,14 @@ struct SerialParts {
 }
 
 impl SerialParts {
-    fn spawn(&self, cfg: &SerialConfig, registry: &Arc<Registry>) -> RunningPort {
+    /// Starts a port task that waits for `go` before it opens the port (a reload puts the
+    /// port's queue in the new generation first); dropping `go` ends it unopened.
+    fn spawn(
+        &self,
+        cfg: &SerialConfig,
+        registry: &Arc<Registry>,
+    ) -> (RunningPort, tokio::sync::oneshot::Sender<()>) {
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
         let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
         let devices: Vec<DeviceId> = cfg
             .devices
@@ -168,7 +164,7 @@ impl SerialParts {
             .filter_map(|n| registry.lookup(n).map(|d| d.id))
             .collect();
         let stop = self.shutdown.child_token();
-        let task = self.tracker.spawn(serial::run_port(serial::PortContext {
+        let ctx = serial::PortContext {
             cfg: cfg.clone(),
             devices: devices.clone(),
             registry: registry.clone(),
@@ -177,13 +173,19 @@ impl SerialParts {
             events: self.events.clone(),
             down: rx,
             shutdown: stop.clone(),
-        }));
-        RunningPort {
+        };
+        let task = self.tracker.spawn(async move {
+            if go_rx.await.is_ok() {
+                serial::run_port(ctx).await;
+            }
+        });
+        let port = RunningPort {
             cfg: cfg.clone(),
             devices,
             tx,
             run: Stoppable { stop, task },
-        }
+        };
+        (port, go)
     }
 }
 
@@ -226,7 +228,6 @@ pub struct Hub {
     /// Per slot: the device's uplink (`None` once retired).
     uplinks: Vec<Option<Stoppable>>,
     ports: Vec<RunningPort>,
-    adapters: downlink::Adapters,
     uplink_parts: UplinkParts,
     serial_parts: SerialParts,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
@@ -257,11 +258,11 @@ fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
 }
 
 /// Where each slot's downstream messages go, given the running ports.
-fn adapter_table(registry: &Registry, ports: &[RunningPort]) -> Vec<downlink::Adapter> {
-    let mut table = vec![downlink::Adapter::Mqtt; registry.len()];
+fn adapter_table(registry: &Registry, ports: &[RunningPort]) -> Vec<generation::Adapter> {
+    let mut table = vec![generation::Adapter::Mqtt; registry.len()];
     for p in ports {
         for &d in &p.devices {
-            table[d] = downlink::Adapter::Serial(p.tx.clone());
+            table[d] = generation::Adapter::Serial(p.tx.clone());
         }
     }
     table
@@ -334,9 +335,21 @@ impl Hub {
         let ports: Vec<RunningPort> = cfg
             .serial
             .iter()
-            .map(|s| serial_parts.spawn(s, &registry))
+            .map(|s| {
+                let (port, go) = serial_parts.spawn(s, &registry);
+                let _ = go.send(());
+                port
+            })
             .collect();
-        let adapters: downlink::Adapters = Arc::new(RwLock::new(adapter_table(&registry, &ports)));
+        // The first generation: the device table and its adapters (sessions follow below, once
+        // the uplinks exist; until then nobody reads them).
+        let view: SharedView = Arc::new(RwLock::new(Arc::new(DeviceView {
+            adapters: adapter_table(&registry, &ports),
+            transports: transports(&registry, &ports),
+            registry: registry.clone(),
+            sessions: Vec::new(),
+            uplinks: Vec::new(),
+        })));
         let broker = broker::LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
@@ -350,11 +363,10 @@ impl Hub {
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
         let down = downlink::Downlink {
-            registry: shared.clone(),
+            view: view.clone(),
             broker,
             outbox: outbox.clone(),
             metrics: metrics.clone(),
-            adapters: adapters.clone(),
             cfg: downlink::DownlinkConfig {
                 max_pending_commands: cfg.hub.max_pending_commands,
                 command_ttl: Duration::from_secs(cfg.hub.command_ttl_secs),
@@ -416,12 +428,13 @@ impl Hub {
             statuses.push(status);
             uplinks.push(Some(run));
         }
-        let view = Arc::new(RwLock::new(Arc::new(DeviceView {
+        *view.write().expect("view lock") = Arc::new(DeviceView {
+            adapters: adapter_table(&registry, &ports),
             transports: transports(&registry, &ports),
             registry: registry.clone(),
             sessions,
             uplinks: statuses,
-        })));
+        });
         tracing::info!(
             devices = registry.len(),
             local = %local_addr,
@@ -442,7 +455,6 @@ impl Hub {
             broker_stop,
             uplinks,
             ports,
-            adapters,
             uplink_parts,
             serial_parts,
             outbox_thread: Some(outbox_thread),
@@ -509,10 +521,6 @@ impl Hub {
             }
         }
         Stoppable::stop_all(stopping).await;
-        // In force: retired devices' local connections close, new ones may log in.
-        self.registry.store(new.clone());
-        self.homes
-            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
         let current = self.view.read().expect("view lock").clone();
         let mut sessions = current.sessions.clone();
         let mut statuses = current.uplinks.clone();
@@ -523,20 +531,34 @@ impl Hub {
             statuses.push(status);
             self.uplinks.push(Some(run));
         }
+        let mut go = Vec::new();
         for w in wanted {
             let name = format!("{} started", w.port.display());
             // A restarted port reads "stopped" then "started".
             report.ports.push(name);
-            keep.push(self.serial_parts.spawn(w, &new));
+            let (port, start) = self.serial_parts.spawn(w, &new);
+            keep.push(port);
+            go.push(start);
         }
         self.ports = keep;
-        *self.adapters.write().expect("adapters lock") = adapter_table(&new, &self.ports);
-        *self.view.write().expect("view lock") = Arc::new(DeviceView {
+        // The new generation, in force at once (no await in between): the device table for
+        // the adapters (retired devices' local connections close, new ones may log in), the
+        // home watcher's devices, and the view with the adapter table the downlink routes by.
+        let generation = Arc::new(DeviceView {
+            adapters: adapter_table(&new, &self.ports),
             transports: transports(&new, &self.ports),
-            registry: new,
+            registry: new.clone(),
             sessions,
             uplinks: statuses,
         });
+        self.registry.store(new.clone());
+        self.homes
+            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
+        *self.view.write().expect("view lock") = generation;
+        // Only now do new ports open and announce their devices.
+        for g in go {
+            let _ = g.send(());
+        }
         report
     }
 

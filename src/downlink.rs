@@ -5,7 +5,9 @@
 //! waits in the outbox database (bounded per device, with expiry) and is delivered in order when
 //! the device subscribes. DDP messages update the hub's local mirror of each device's store,
 //! and a device that subscribes to its kv topic gets a full `reload` from that mirror, also while
-//! MODE is unreachable. It must not talk to MODE or parse event payloads.
+//! MODE is unreachable. Each device's work runs on its own task behind a bounded queue, so one
+//! device's slow path (storage, a full serial queue) never stalls another's or the uplinks. It
+//! must not talk to MODE or parse event payloads.
 
 use crate::broker::LocalBroker;
 use crate::generation::{DeviceView, SharedView};
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use crate::generation::Adapter;
 
@@ -50,6 +53,31 @@ impl Presence {
     }
 }
 
+/// Work waiting for one device's task, in arrival order. The flags say whether the device was
+/// listening (commands / kv) when the message arrived.
+enum Work {
+    Command(Bytes, bool),
+    Kv(Bytes, bool, Option<tokio::sync::oneshot::Sender<()>>),
+    /// The device subscribed to its command topic: deliver what waited.
+    FlushCommands,
+    /// The device subscribed to its kv topic: send it the whole store.
+    ServeReload,
+}
+
+impl Work {
+    fn what(&self) -> &'static str {
+        match self {
+            Work::Command(..) => "command",
+            Work::Kv(..) => "kv",
+            Work::FlushCommands => "waiting commands",
+            Work::ServeReload => "kv reload",
+        }
+    }
+}
+
+/// Work queued per device before new work for it is dropped (its path is stuck).
+const DEVICE_QUEUE: usize = 256;
+
 /// How often expired commands are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -70,38 +98,59 @@ impl Downlink {
     }
 
     /// Runs until shutdown or until both inputs close.
+    ///
+    /// This task only keeps presence and routes: each device's work (which waits on SQLite)
+    /// runs on a task of its own, in arrival order, behind a bounded queue, so one device's
+    /// slow path never holds up another's. A device whose queue is full loses the message
+    /// (counted in `modehub_downlink_queue_full_total`, logged) rather than stall the rest.
     pub async fn run(
         self,
         mut local: mpsc::Receiver<LocalEvent>,
         mut down: mpsc::Receiver<Downstream>,
         shutdown: CancellationToken,
     ) {
-        // Grows when a reload adds device slots.
+        let this = Arc::new(self);
+        let tracker = TaskTracker::new();
+        tracker.spawn(this.clone().sweeper(shutdown.clone()));
+        // Per slot; grows when a reload adds device slots.
         let mut presence: Vec<Presence> = Vec::new();
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut workers: Vec<Option<mpsc::Sender<Work>>> = Vec::new();
         loop {
-            tokio::select! {
+            let (dev, work) = tokio::select! {
                 ev = local.recv() => match ev {
-                    Some(ev) => self.local_event(&mut presence, ev).await,
-                    None => return,
+                    Some(ev) => match Self::presence_event(&mut presence, ev) {
+                        Some(w) => w,
+                        None => continue,
+                    },
+                    None => break,
                 },
                 msg = down.recv() => match msg {
-                    Some(Downstream::Command(dev, payload)) => self.command(&presence, dev, payload).await,
-                    Some(Downstream::Kv(dev, payload)) => self.kv(&presence, dev, payload).await,
-                    Some(Downstream::KvBarrier(dev, payload, done)) => {
-                        self.kv(&presence, dev, payload).await;
-                        let _ = done.send(());
+                    Some(Downstream::Command(dev, payload)) => {
+                        let listening = presence.get(dev).is_some_and(Presence::commands);
+                        (dev, Work::Command(payload, listening))
                     }
-                    None => return,
+                    Some(Downstream::Kv(dev, payload)) => {
+                        let listening = presence.get(dev).is_some_and(Presence::kv);
+                        (dev, Work::Kv(payload, listening, None))
+                    }
+                    Some(Downstream::KvBarrier(dev, payload, done)) => {
+                        let listening = presence.get(dev).is_some_and(Presence::kv);
+                        (dev, Work::Kv(payload, listening, Some(done)))
+                    }
+                    None => break,
                 },
-                _ = sweep.tick() => self.sweep().await,
-                _ = shutdown.cancelled() => return,
-            }
+                _ = shutdown.cancelled() => break,
+            };
+            this.dispatch(&mut workers, &tracker, &shutdown, dev, work);
         }
+        // Each worker ends once its queue is drained and closed, or at shutdown.
+        drop(workers);
+        tracker.close();
+        tracker.wait().await;
     }
 
-    async fn local_event(&self, presence: &mut Vec<Presence>, ev: LocalEvent) {
+    /// Notes a presence event; returns the work it calls for (delivering what waited).
+    fn presence_event(presence: &mut Vec<Presence>, ev: LocalEvent) -> Option<(DeviceId, Work)> {
         let dev = match ev {
             LocalEvent::Connected(d, _)
             | LocalEvent::Disconnected(d, _)
@@ -113,19 +162,95 @@ impl Downlink {
         match ev {
             LocalEvent::Connected(dev, conn) => {
                 presence[dev].conns.entry(conn).or_default();
+                None
             }
             LocalEvent::Disconnected(dev, conn) => {
                 presence[dev].conns.remove(&conn);
+                None
             }
             LocalEvent::Subscribed(dev, conn, TopicKind::Command) => {
                 presence[dev].conns.entry(conn).or_default().0 = true;
-                self.flush_commands(dev).await;
+                Some((dev, Work::FlushCommands))
             }
             LocalEvent::Subscribed(dev, conn, TopicKind::Kv) => {
                 presence[dev].conns.entry(conn).or_default().1 = true;
-                self.serve_reload(dev).await;
+                Some((dev, Work::ServeReload))
             }
-            LocalEvent::Subscribed(..) => {}
+            LocalEvent::Subscribed(..) => None,
+        }
+    }
+
+    /// Queues `work` for device `dev`'s task (started on first use), without waiting.
+    fn dispatch(
+        self: &Arc<Self>,
+        workers: &mut Vec<Option<mpsc::Sender<Work>>>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+        dev: DeviceId,
+        work: Work,
+    ) {
+        if workers.len() <= dev {
+            workers.resize_with(dev + 1, || None);
+        }
+        let tx = workers[dev].get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+            tracker.spawn(self.clone().worker(dev, rx, shutdown.clone()));
+            tx
+        });
+        match tx.try_send(work) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(work)) => {
+                let m = &self.metrics.down;
+                m.queue_full.fetch_add(1, Relaxed);
+                if matches!(work, Work::Command(..)) {
+                    m.commands_lost.fetch_add(1, Relaxed);
+                }
+                let name = self.generation().registry.get(dev).name.clone();
+                tracing::warn!(device = %name, queue = DEVICE_QUEUE, work = work.what(),
+                    "this device's downlink queue is full (its storage or port is slow): dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Does one device's work in order until its queue closes or the hub stops.
+    async fn worker(
+        self: Arc<Self>,
+        dev: DeviceId,
+        mut rx: mpsc::Receiver<Work>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let work = tokio::select! {
+                w = rx.recv() => match w {
+                    Some(w) => w,
+                    None => return,
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            match work {
+                Work::Command(payload, listening) => self.command(listening, dev, payload).await,
+                Work::Kv(payload, listening, done) => {
+                    self.kv(listening, dev, payload).await;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+                Work::FlushCommands => self.flush_commands(dev).await,
+                Work::ServeReload => self.serve_reload(dev).await,
+            }
+        }
+    }
+
+    /// Expires waiting commands every [`SWEEP_EVERY`] until shutdown.
+    async fn sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => self.sweep().await,
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 
@@ -150,11 +275,11 @@ impl Downlink {
         }
     }
 
-    async fn command(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
+    async fn command(&self, listening: bool, dev: DeviceId, payload: Bytes) {
         let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
-        if presence.get(dev).is_some_and(Presence::commands) {
+        if listening {
             match self.hand_over(dev, DownKind::Command, payload) {
                 Ok(()) => {
                     m.commands_delivered.fetch_add(1, Relaxed);
@@ -264,7 +389,7 @@ impl Downlink {
         }
     }
 
-    async fn kv(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
+    async fn kv(&self, listening: bool, dev: DeviceId, payload: Bytes) {
         let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
@@ -280,7 +405,7 @@ impl Downlink {
         match self.outbox.kv_apply(d.mode_id, change).await {
             Ok(true) => {
                 m.kv_applied.fetch_add(1, Relaxed);
-                if !presence.get(dev).is_some_and(Presence::kv) {
+                if !listening {
                     return; // it gets a reload from the mirror when it subscribes
                 }
                 if is_reload {

@@ -12,13 +12,13 @@
 use crate::broker::LocalBroker;
 use crate::generation::{DeviceView, SharedView};
 pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
-use crate::local::{DeviceId, KvChange, TopicKind};
+use crate::local::{DeviceId, KvChange};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::presence::{Listening, Presence};
 use crate::timing::now_ms;
 use crate::uplink::Downstream;
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,22 +35,6 @@ pub struct DownlinkConfig {
     pub max_pending_commands: usize,
     /// How long a waiting command stays deliverable.
     pub command_ttl: Duration,
-}
-
-/// Which local connections of a device listen for what.
-#[derive(Default)]
-struct Presence {
-    /// conn -> (listens for commands, listens for kv)
-    conns: HashMap<ConnId, (bool, bool)>,
-}
-
-impl Presence {
-    fn commands(&self) -> bool {
-        self.conns.values().any(|c| c.0)
-    }
-    fn kv(&self) -> bool {
-        self.conns.values().any(|c| c.1)
-    }
 }
 
 /// Work waiting for one device's task, in arrival order. The flags say whether the device was
@@ -85,6 +69,8 @@ pub struct Downlink {
     /// The hub's current generation: the device table and where each slot's messages go, read
     /// together from one snapshot.
     pub view: SharedView,
+    /// Local presence, applied here in the order events are handled (ops reads it too).
+    pub presence: Arc<Presence>,
     pub broker: LocalBroker,
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
@@ -113,28 +99,28 @@ impl Downlink {
         let tracker = TaskTracker::new();
         tracker.spawn(this.clone().sweeper(shutdown.clone()));
         // Per slot; grows when a reload adds device slots.
-        let mut presence: Vec<Presence> = Vec::new();
         let mut workers: Vec<Option<mpsc::Sender<Work>>> = Vec::new();
         loop {
             let (dev, work) = tokio::select! {
                 ev = local.recv() => match ev {
-                    Some(ev) => match Self::presence_event(&mut presence, ev) {
-                        Some(w) => w,
+                    Some(ev) => match this.presence.apply(&ev) {
+                        Some((dev, Listening::Commands)) => (dev, Work::FlushCommands),
+                        Some((dev, Listening::Kv)) => (dev, Work::ServeReload),
                         None => continue,
                     },
                     None => break,
                 },
                 msg = down.recv() => match msg {
                     Some(Downstream::Command(dev, payload)) => {
-                        let listening = presence.get(dev).is_some_and(Presence::commands);
+                        let listening = this.presence.listens_for_commands(dev);
                         (dev, Work::Command(payload, listening))
                     }
                     Some(Downstream::Kv(dev, payload)) => {
-                        let listening = presence.get(dev).is_some_and(Presence::kv);
+                        let listening = this.presence.listens_for_kv(dev);
                         (dev, Work::Kv(payload, listening, None))
                     }
                     Some(Downstream::KvBarrier(dev, payload, done)) => {
-                        let listening = presence.get(dev).is_some_and(Presence::kv);
+                        let listening = this.presence.listens_for_kv(dev);
                         (dev, Work::Kv(payload, listening, Some(done)))
                     }
                     None => break,
@@ -147,37 +133,6 @@ impl Downlink {
         drop(workers);
         tracker.close();
         tracker.wait().await;
-    }
-
-    /// Notes a presence event; returns the work it calls for (delivering what waited).
-    fn presence_event(presence: &mut Vec<Presence>, ev: LocalEvent) -> Option<(DeviceId, Work)> {
-        let dev = match ev {
-            LocalEvent::Connected(d, _)
-            | LocalEvent::Disconnected(d, _)
-            | LocalEvent::Subscribed(d, _, _) => d,
-        };
-        if presence.len() <= dev {
-            presence.resize_with(dev + 1, Presence::default);
-        }
-        match ev {
-            LocalEvent::Connected(dev, conn) => {
-                presence[dev].conns.entry(conn).or_default();
-                None
-            }
-            LocalEvent::Disconnected(dev, conn) => {
-                presence[dev].conns.remove(&conn);
-                None
-            }
-            LocalEvent::Subscribed(dev, conn, TopicKind::Command) => {
-                presence[dev].conns.entry(conn).or_default().0 = true;
-                Some((dev, Work::FlushCommands))
-            }
-            LocalEvent::Subscribed(dev, conn, TopicKind::Kv) => {
-                presence[dev].conns.entry(conn).or_default().1 = true;
-                Some((dev, Work::ServeReload))
-            }
-            LocalEvent::Subscribed(..) => None,
-        }
     }
 
     /// Queues `work` for device `dev`'s task (started on first use), without waiting.

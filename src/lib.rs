@@ -320,7 +320,8 @@ impl Hub {
         )
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
-        // ops watches local presence on its way to the downlink (status: "local connected?").
+        // The one presence tracker: the downlink applies events in its order, ops reads it; the
+        // tap in front of the downlink notes whether it keeps up (for the watchdog).
         let presence = Arc::new(presence::Presence::new(registry.len()));
         let local_rx = presence.clone().tap(local_rx, &tracker);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
@@ -364,6 +365,7 @@ impl Hub {
         let (down_tx, down_rx) = mpsc::channel(1024);
         let down = downlink::Downlink {
             view: view.clone(),
+            presence: presence.clone(),
             broker,
             outbox: outbox.clone(),
             metrics: metrics.clone(),

@@ -7,7 +7,7 @@
 //!
 //! Everything here only *reads* the hub: counters ([`crate::metrics::Metrics`],
 //! [`crate::outbox::OutboxStats`]), the outbox's per-device depth, the upstream session states
-//! and local presence (a tap on the adapters' presence events, [`Presence`]). A running hub's
+//! and local presence (the one tracker, [`Presence`], kept by the downlink). A running hub's
 //! view is an [`OpsContext`], built by [`crate::Hub::ops_context`]. Its background tasks end when
 //! the hub shuts down, so they never keep the outbox open. Nothing here prints a secret.
 

@@ -11,7 +11,7 @@
 //! held); the uplink then holds a device on an explicit refusal and retries periodically.
 //!
 //! Uplinks follow a home through [`Homes::held`] (a `watch` channel per home: `true` = hold).
-//! Status and metrics read [`Hub::home_states`] / [`Hub::home_status`]. The HTTP call lives in
+//! Status and metrics read [`crate::Hub::home_states`] / [`crate::Hub::home_status`]. The HTTP call lives in
 //! `mode::homes`; this module must not speak MODE's wire format or SQL.
 
 use crate::config::Secret;

@@ -157,7 +157,7 @@ struct Ended {
 type Permit = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl DeviceUplink {
-    /// The status record to hand to [`Hub`] before the task starts.
+    /// The status record to hand to [`crate::Hub`] before the task starts.
     pub fn new_status(device: &Device, pace: &DevicePacer) -> Arc<UplinkStatus> {
         Arc::new(UplinkStatus {
             mode_id: device.mode_id,

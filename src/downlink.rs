@@ -144,8 +144,8 @@ impl Downlink {
         dev: DeviceId,
         work: Work,
     ) {
-        if workers.len() <= dev {
-            workers.resize_with(dev + 1, || None);
+        if workers.len() <= dev.index() {
+            workers.resize_with(dev.index() + 1, || None);
         }
         let tx = workers[dev].get_or_insert_with(|| {
             let (tx, rx) = mpsc::channel(DEVICE_QUEUE);

@@ -4,7 +4,7 @@
 //! accessors) never sees a new device table with old adapters. It must not start or stop
 //! anything.
 
-use crate::local::DownMsg;
+use crate::local::{DeviceId, DownMsg};
 use crate::registry::Registry;
 use crate::uplink::{SessionState, UplinkStatus};
 use std::sync::{Arc, RwLock};
@@ -33,8 +33,8 @@ pub struct DeviceView {
 
 impl DeviceView {
     /// Where slot `dev` 's messages go.
-    pub fn adapter(&self, dev: usize) -> &Adapter {
-        self.adapters.get(dev).unwrap_or(&Adapter::Mqtt)
+    pub fn adapter(&self, dev: DeviceId) -> &Adapter {
+        self.adapters.get(dev.index()).unwrap_or(&Adapter::Mqtt)
     }
 }
 

@@ -247,6 +247,7 @@ pub struct StartOptions {
 /// `mqtt` or `serial <port>`.for each slot of `registry`.
 fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
     (0..registry.len())
+        .map(DeviceId)
         .map(|id| {
             ports
                 .iter()
@@ -498,7 +499,7 @@ impl Hub {
         let mut stopping: Vec<Stoppable> = changes
             .retired
             .iter()
-            .filter_map(|&id| self.uplinks.get_mut(id).and_then(Option::take))
+            .filter_map(|&id| self.uplinks.get_mut(id.index()).and_then(Option::take))
             .collect();
         let mut keep = Vec::new();
         let mut wanted: Vec<&SerialConfig> = cfg.serial.iter().collect();
@@ -528,7 +529,7 @@ impl Hub {
         let mut statuses = current.uplinks.clone();
         for &id in &changes.added {
             let (state, status, run) = self.uplink_parts.spawn(new.get(id));
-            debug_assert_eq!(sessions.len(), id);
+            debug_assert_eq!(sessions.len(), id.index());
             sessions.push(state);
             statuses.push(status);
             self.uplinks.push(Some(run));

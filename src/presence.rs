@@ -83,8 +83,8 @@ impl Presence {
             | LocalEvent::Subscribed(d, _, _) => d,
         };
         // A reload may have added slots since the hub started.
-        if devices.len() <= dev {
-            devices.resize_with(dev + 1, Listeners::default);
+        if devices.len() <= dev.index() {
+            devices.resize_with(dev.index() + 1, Listeners::default);
         }
         let conns = &mut devices[dev].conns;
         match *ev {
@@ -112,7 +112,7 @@ impl Presence {
         self.devices
             .lock()
             .expect("presence lock")
-            .get(dev)
+            .get(dev.index())
             .is_some_and(|l| l.conns.values().any(f))
     }
 
@@ -127,11 +127,11 @@ impl Presence {
     }
 
     /// Live local connections of device `dev` (registry index).
-    pub fn connections(&self, dev: usize) -> usize {
+    pub fn connections(&self, dev: DeviceId) -> usize {
         self.devices
             .lock()
             .expect("presence lock")
-            .get(dev)
+            .get(dev.index())
             .map_or(0, |l| l.conns.len())
     }
 
@@ -151,18 +151,18 @@ mod tests {
     #[test]
     fn listening_follows_subscriptions_and_disconnects() {
         let p = Presence::new(1);
-        assert_eq!(p.apply(&LocalEvent::Connected(2, 7)), None);
-        assert_eq!(p.connections(2), 1);
-        assert!(!p.listens_for_commands(2));
+        assert_eq!(p.apply(&LocalEvent::Connected(DeviceId(2), 7)), None);
+        assert_eq!(p.connections(DeviceId(2)), 1);
+        assert!(!p.listens_for_commands(DeviceId(2)));
         assert_eq!(
-            p.apply(&LocalEvent::Subscribed(2, 7, TopicKind::Command)),
-            Some((2, Listening::Commands))
+            p.apply(&LocalEvent::Subscribed(DeviceId(2), 7, TopicKind::Command)),
+            Some((DeviceId(2), Listening::Commands))
         );
-        assert!(p.listens_for_commands(2) && !p.listens_for_kv(2));
-        p.apply(&LocalEvent::Connected(2, 8));
-        assert_eq!(p.connections(2), 2);
-        p.apply(&LocalEvent::Disconnected(2, 7));
-        assert!(!p.listens_for_commands(2));
-        assert_eq!(p.connections(2), 1);
+        assert!(p.listens_for_commands(DeviceId(2)) && !p.listens_for_kv(DeviceId(2)));
+        p.apply(&LocalEvent::Connected(DeviceId(2), 8));
+        assert_eq!(p.connections(DeviceId(2)), 2);
+        p.apply(&LocalEvent::Disconnected(DeviceId(2), 7));
+        assert!(!p.listens_for_commands(DeviceId(2)));
+        assert_eq!(p.connections(DeviceId(2)), 1);
     }
 }

@@ -252,7 +252,7 @@ impl OpsContext {
             .map(|d| (d.clone(), v.sessions[d.id].borrow().clone()))
             .collect()
     }
-    pub fn local_connections(&self, dev: usize) -> usize {
+    pub fn local_connections(&self, dev: crate::local::DeviceId) -> usize {
         self.presence.connections(dev)
     }
     /// The state of a device's home from the home watcher: "active", "deactivated",

@@ -11,6 +11,7 @@ use crate::common::*;
 use bytes::Bytes;
 use modehub::config::{Config, SerialConfig};
 use modehub::downlink::{DownKind, DownMsg, LocalEvent};
+use modehub::local::DeviceId;
 use modehub::metrics::Metrics;
 use modehub::outbox::{Kind, Outbox};
 use modehub::registry::{Registry, SharedRegistry, TopicKind};
@@ -158,7 +159,7 @@ async fn presence(ev: &mut mpsc::Receiver<LocalEvent>, devs: &[usize], up: bool)
             (false, LocalEvent::Disconnected(d, c)) => (*d, *c),
             _ => panic!("unexpected {e:?} (up = {up})"),
         };
-        assert!(devs.contains(&d), "{e:?}");
+        assert!(devs.contains(&d.index()), "{e:?}");
         assert_eq!(*conn.get_or_insert(c), c);
     }
     conn.unwrap()
@@ -166,7 +167,7 @@ async fn presence(ev: &mut mpsc::Receiver<LocalEvent>, devs: &[usize], up: bool)
 
 fn cmd(dev: usize, action: &str, params: &str) -> DownMsg {
     DownMsg {
-        dev,
+        dev: DeviceId(dev),
         kind: DownKind::Command,
         payload: Bytes::from(format!(r#"{{"action":"{action}","parameters":{params}}}"#)),
     }
@@ -174,7 +175,7 @@ fn cmd(dev: usize, action: &str, params: &str) -> DownMsg {
 
 fn kv(dev: usize, json: &str) -> DownMsg {
     DownMsg {
-        dev,
+        dev: DeviceId(dev),
         kind: DownKind::Kv,
         payload: Bytes::from(json.to_string()),
     }

@@ -298,13 +298,13 @@ impl ClockWatch {
     pub async fn run(
         self: Arc<Self>,
         outbox: Outbox,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: tokio_util::sync::CancellationToken,
     ) {
         loop {
             self.check(&outbox).await;
             tokio::select! {
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }

@@ -5,35 +5,28 @@
 //! waits in the outbox database (bounded per device, with expiry) and is delivered in order when
 //! the device subscribes. DDP messages update the hub's local mirror of each device's store,
 //! and a device that subscribes to its kv topic gets a full `reload` from that mirror, also while
-//! MODE is unreachable. It must not talk to MODE or parse event payloads.
+//! MODE is unreachable. Each device's work runs on its own task behind a bounded queue, so one
+//! device's slow path (storage, a full serial queue) never stalls another's or the uplinks. It
+//! must not talk to MODE or parse event payloads.
 
 use crate::broker::LocalBroker;
+use crate::generation::{DeviceView, SharedView};
 pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
-use crate::local::{DeviceId, KvChange, TopicKind};
+use crate::local::{DeviceId, KvChange};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::registry::SharedRegistry;
+use crate::presence::{Listening, Presence};
 use crate::timing::now_ms;
 use crate::uplink::Downstream;
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// Where a device's downstream messages go.
-#[derive(Clone)]
-pub enum Adapter {
-    /// The local MQTT broker (the device subscribes to its topics).
-    Mqtt,
-    /// A serial port's bounded write queue.
-    Serial(mpsc::Sender<DownMsg>),
-}
-
-/// Per device slot (by `DeviceId`), where its messages go; the hub updates it on a reload
-/// (a slot not listed goes to the MQTT broker).
-pub type Adapters = Arc<RwLock<Vec<Adapter>>>;
+pub use crate::generation::Adapter;
 
 /// Settings of the way down.
 #[derive(Debug, Clone)]
@@ -44,106 +37,188 @@ pub struct DownlinkConfig {
     pub command_ttl: Duration,
 }
 
-/// Which local connections of a device listen for what.
-#[derive(Default)]
-struct Presence {
-    /// conn -> (listens for commands, listens for kv)
-    conns: HashMap<ConnId, (bool, bool)>,
+/// Work waiting for one device's task, in arrival order. The flags say whether the device was
+/// listening (commands / kv) when the message arrived.
+enum Work {
+    Command(Bytes, bool),
+    Kv(Bytes, bool, Option<tokio::sync::oneshot::Sender<()>>),
+    /// The device subscribed to its command topic: deliver what waited.
+    FlushCommands,
+    /// The device subscribed to its kv topic: send it the whole store.
+    ServeReload,
 }
 
-impl Presence {
-    fn commands(&self) -> bool {
-        self.conns.values().any(|c| c.0)
-    }
-    fn kv(&self) -> bool {
-        self.conns.values().any(|c| c.1)
+impl Work {
+    fn what(&self) -> &'static str {
+        match self {
+            Work::Command(..) => "command",
+            Work::Kv(..) => "kv",
+            Work::FlushCommands => "waiting commands",
+            Work::ServeReload => "kv reload",
+        }
     }
 }
+
+/// Work queued per device before new work for it is dropped (its path is stuck).
+const DEVICE_QUEUE: usize = 256;
 
 /// How often expired commands are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Downlink {
-    pub registry: Arc<SharedRegistry>,
+    /// The hub's current generation: the device table and where each slot's messages go, read
+    /// together from one snapshot.
+    pub view: SharedView,
+    /// Local presence, applied here in the order events are handled (ops reads it too).
+    pub presence: Arc<Presence>,
     pub broker: LocalBroker,
     pub outbox: Outbox,
     pub metrics: Arc<Metrics>,
-    pub adapters: Adapters,
     pub cfg: DownlinkConfig,
 }
 
 impl Downlink {
+    /// The generation in force.
+    fn generation(&self) -> Arc<DeviceView> {
+        self.view.read().expect("view lock").clone()
+    }
+
     /// Runs until shutdown or until both inputs close.
+    ///
+    /// This task only keeps presence and routes: each device's work (which waits on SQLite)
+    /// runs on a task of its own, in arrival order, behind a bounded queue, so one device's
+    /// slow path never holds up another's. A device whose queue is full loses the message
+    /// (counted in `modehub_downlink_queue_full_total`, logged) rather than stall the rest.
     pub async fn run(
         self,
         mut local: mpsc::Receiver<LocalEvent>,
         mut down: mpsc::Receiver<Downstream>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
-        // Grows when a reload adds device slots.
-        let mut presence: Vec<Presence> = Vec::new();
-        let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let this = Arc::new(self);
+        let tracker = TaskTracker::new();
+        tracker.spawn(this.clone().sweeper(shutdown.clone()));
+        // Per slot; grows when a reload adds device slots.
+        let mut workers: Vec<Option<mpsc::Sender<Work>>> = Vec::new();
         loop {
-            tokio::select! {
+            let (dev, work) = tokio::select! {
                 ev = local.recv() => match ev {
-                    Some(ev) => self.local_event(&mut presence, ev).await,
-                    None => return,
+                    Some(ev) => match this.presence.apply(&ev) {
+                        Some((dev, Listening::Commands)) => (dev, Work::FlushCommands),
+                        Some((dev, Listening::Kv)) => (dev, Work::ServeReload),
+                        None => continue,
+                    },
+                    None => break,
                 },
                 msg = down.recv() => match msg {
-                    Some(Downstream::Command(dev, payload)) => self.command(&presence, dev, payload).await,
-                    Some(Downstream::Kv(dev, payload)) => self.kv(&presence, dev, payload).await,
-                    Some(Downstream::KvBarrier(dev, payload, done)) => {
-                        self.kv(&presence, dev, payload).await;
-                        let _ = done.send(());
+                    Some(Downstream::Command(dev, payload)) => {
+                        let listening = this.presence.listens_for_commands(dev);
+                        (dev, Work::Command(payload, listening))
                     }
+                    Some(Downstream::Kv(dev, payload)) => {
+                        let listening = this.presence.listens_for_kv(dev);
+                        (dev, Work::Kv(payload, listening, None))
+                    }
+                    Some(Downstream::KvBarrier(dev, payload, done)) => {
+                        let listening = this.presence.listens_for_kv(dev);
+                        (dev, Work::Kv(payload, listening, Some(done)))
+                    }
+                    None => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            this.dispatch(&mut workers, &tracker, &shutdown, dev, work);
+        }
+        // Each worker ends once its queue is drained and closed, or at shutdown.
+        drop(workers);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// Queues `work` for device `dev`'s task (started on first use), without waiting.
+    fn dispatch(
+        self: &Arc<Self>,
+        workers: &mut Vec<Option<mpsc::Sender<Work>>>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+        dev: DeviceId,
+        work: Work,
+    ) {
+        if workers.len() <= dev.index() {
+            workers.resize_with(dev.index() + 1, || None);
+        }
+        let tx = workers[dev].get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+            tracker.spawn(self.clone().worker(dev, rx, shutdown.clone()));
+            tx
+        });
+        match tx.try_send(work) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(work)) => {
+                let m = &self.metrics.down;
+                m.queue_full.fetch_add(1, Relaxed);
+                if matches!(work, Work::Command(..)) {
+                    m.commands_lost.fetch_add(1, Relaxed);
+                }
+                let name = self.generation().registry.get(dev).name.clone();
+                tracing::warn!(device = %name, queue = DEVICE_QUEUE, work = work.what(),
+                    "this device's downlink queue is full (its storage or port is slow): dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Does one device's work in order until its queue closes or the hub stops.
+    async fn worker(
+        self: Arc<Self>,
+        dev: DeviceId,
+        mut rx: mpsc::Receiver<Work>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let work = tokio::select! {
+                w = rx.recv() => match w {
+                    Some(w) => w,
                     None => return,
                 },
-                _ = sweep.tick() => self.sweep().await,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
+            };
+            match work {
+                Work::Command(payload, listening) => self.command(listening, dev, payload).await,
+                Work::Kv(payload, listening, done) => {
+                    self.kv(listening, dev, payload).await;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+                Work::FlushCommands => self.flush_commands(dev).await,
+                Work::ServeReload => self.serve_reload(dev).await,
             }
         }
     }
 
-    async fn local_event(&self, presence: &mut Vec<Presence>, ev: LocalEvent) {
-        let dev = match ev {
-            LocalEvent::Connected(d, _)
-            | LocalEvent::Disconnected(d, _)
-            | LocalEvent::Subscribed(d, _, _) => d,
-        };
-        if presence.len() <= dev {
-            presence.resize_with(dev + 1, Presence::default);
-        }
-        match ev {
-            LocalEvent::Connected(dev, conn) => {
-                presence[dev].conns.entry(conn).or_default();
+    /// Expires waiting commands every [`SWEEP_EVERY`] until shutdown.
+    async fn sweeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => self.sweep().await,
+                _ = shutdown.cancelled() => return,
             }
-            LocalEvent::Disconnected(dev, conn) => {
-                presence[dev].conns.remove(&conn);
-            }
-            LocalEvent::Subscribed(dev, conn, TopicKind::Command) => {
-                presence[dev].conns.entry(conn).or_default().0 = true;
-                self.flush_commands(dev).await;
-            }
-            LocalEvent::Subscribed(dev, conn, TopicKind::Kv) => {
-                presence[dev].conns.entry(conn).or_default().1 = true;
-                self.serve_reload(dev).await;
-            }
-            LocalEvent::Subscribed(..) => {}
         }
     }
 
     /// Hands a message to the device's adapter.
     fn hand_over(&self, dev: DeviceId, kind: DownKind, payload: Bytes) -> Result<(), String> {
-        let adapters = self.adapters.read().expect("adapters lock");
-        match adapters.get(dev).unwrap_or(&Adapter::Mqtt) {
+        let generation = self.generation();
+        match generation.adapter(dev) {
             Adapter::Mqtt => {
                 let sub = match kind {
                     DownKind::Command => "command",
                     DownKind::Kv => "kv",
                 };
-                self.broker
-                    .deliver(&self.registry.load(), dev, sub, payload)
+                self.broker.deliver(&generation.registry, dev, sub, payload)
             }
             Adapter::Serial(tx) => {
                 if crate::serial::offer(tx, DownMsg { dev, kind, payload }, &self.metrics.serial) {
@@ -155,11 +230,11 @@ impl Downlink {
         }
     }
 
-    async fn command(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let registry = self.registry.load();
+    async fn command(&self, listening: bool, dev: DeviceId, payload: Bytes) {
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
-        if presence.get(dev).is_some_and(Presence::commands) {
+        if listening {
             match self.hand_over(dev, DownKind::Command, payload) {
                 Ok(()) => {
                     m.commands_delivered.fetch_add(1, Relaxed);
@@ -201,7 +276,7 @@ impl Downlink {
 
     /// Delivers, in order, what waited for `dev`; expired ones are counted, never delivered.
     async fn flush_commands(&self, dev: DeviceId) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
         let taken = match self.outbox.take_commands(d.mode_id, now_ms()).await {
@@ -236,8 +311,8 @@ impl Downlink {
                 for (mode_id, n) in per {
                     self.metrics.down.commands_expired.fetch_add(n, Relaxed);
                     let name = self
+                        .generation()
                         .registry
-                        .load()
                         .by_mode_id(mode_id)
                         .map(|d| d.name.clone())
                         .unwrap_or_else(|| mode_id.to_string());
@@ -251,7 +326,7 @@ impl Downlink {
 
     /// Sends the device its whole store (mirror + local changes not yet acknowledged by MODE).
     async fn serve_reload(&self, dev: DeviceId) {
-        let registry = self.registry.load();
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         match self.outbox.kv_snapshot(d.mode_id).await {
             Ok(snap) => {
@@ -269,8 +344,8 @@ impl Downlink {
         }
     }
 
-    async fn kv(&self, presence: &[Presence], dev: DeviceId, payload: Bytes) {
-        let registry = self.registry.load();
+    async fn kv(&self, listening: bool, dev: DeviceId, payload: Bytes) {
+        let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
         let change = match crate::mode::parse_kv(&payload) {
@@ -285,7 +360,7 @@ impl Downlink {
         match self.outbox.kv_apply(d.mode_id, change).await {
             Ok(true) => {
                 m.kv_applied.fetch_add(1, Relaxed);
-                if !presence.get(dev).is_some_and(Presence::kv) {
+                if !listening {
                     return; // it gets a reload from the mirror when it subscribes
                 }
                 if is_reload {

@@ -11,7 +11,7 @@
 //! held); the uplink then holds a device on an explicit refusal and retries periodically.
 //!
 //! Uplinks follow a home through [`Homes::held`] (a `watch` channel per home: `true` = hold).
-//! Status and metrics read [`Hub::home_states`] / [`Hub::home_status`]. The HTTP call lives in
+//! Status and metrics read [`crate::Hub::home_states`] / [`crate::Hub::home_status`]. The HTTP call lives in
 //! `mode::homes`; this module must not speak MODE's wire format or SQL.
 
 use crate::config::Secret;
@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// What the hub knows about a home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +288,7 @@ pub async fn run(
     api_url: String,
     project_key: Option<Secret>,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let Some(key) = project_key else {
         if !homes.home_ids().is_empty() {
@@ -300,7 +301,7 @@ pub async fn run(
             let asked = std::time::Instant::now();
             let answer = tokio::select! {
                 a = crate::mode::homes::home_deactivated(&api_url, &key, home) => a,
-                _ = shutdown.changed() => return,
+                _ = shutdown.cancelled() => return,
             };
             if let Err(e) = &answer {
                 if e.is_auth() {
@@ -315,10 +316,7 @@ pub async fn run(
                 tracing::debug!("home watcher poked");
                 tokio::time::sleep(POKE_DEBOUNCE).await;
             }
-            _ = shutdown.changed() => return,
-        }
-        if *shutdown.borrow() {
-            return;
+            _ = shutdown.cancelled() => return,
         }
     }
 }

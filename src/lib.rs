@@ -17,6 +17,7 @@ pub mod demo;
 pub mod downlink;
 #[cfg(feature = "emulator")]
 pub mod emulator;
+pub mod generation;
 pub mod homes;
 pub mod local;
 pub mod metrics;
@@ -32,6 +33,7 @@ pub mod timing;
 pub mod uplink;
 
 use crate::config::{Config, SerialConfig};
+pub use crate::generation::{DeviceView, SharedView};
 use crate::metrics::Metrics;
 use crate::mode::SessionConfig;
 use crate::outbox::{Notifier, Outbox, OutboxOptions};
@@ -44,23 +46,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// What ops and the `Hub` accessors read per device slot (index = [`DeviceId`]); replaced
-/// whole on a reload. Retired slots keep their entries so indexes stay valid.
-pub struct DeviceView {
-    pub registry: Arc<Registry>,
-    pub sessions: Vec<watch::Receiver<SessionState>>,
-    pub uplinks: Vec<Arc<UplinkStatus>>,
-    /// `mqtt` or `serial <port>`.
-    pub transports: Vec<String>,
-}
-
-/// Shared, swappable [`DeviceView`].
-pub type SharedView = Arc<RwLock<Arc<DeviceView>>>;
-
-/// A running task with its own stop switch (a device's uplink, a serial port).
+/// A running task with its own stop switch (a device's uplink, a serial port): a child of the
+/// hub's shutdown token, so the hub's stop reaches it too, and tracked by the hub's tracker.
 struct Stoppable {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -69,7 +61,7 @@ impl Stoppable {
     /// `STOP_WAIT` is aborted, so it can never run on beside its replacement.
     async fn stop_all(all: Vec<Stoppable>) {
         for s in &all {
-            let _ = s.stop.send(true);
+            s.stop.cancel();
         }
         let waits = all.into_iter().map(|s| async move {
             let abort = s.task.abort_handle();
@@ -104,6 +96,9 @@ struct UplinkParts {
     per_device_rate: u32,
     refusal_retry: Duration,
     retain_acked: Duration,
+    /// The hub's shutdown token (each uplink gets a child) and task tracker.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl UplinkParts {
@@ -122,7 +117,7 @@ impl UplinkParts {
             .entry(d.mode_id)
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone();
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = self.shutdown.child_token();
         let up = DeviceUplink {
             device: d.clone(),
             outbox: self.outbox.clone(),
@@ -131,7 +126,7 @@ impl UplinkParts {
             downstream: self.downstream.clone(),
             metrics: self.metrics.clone(),
             state,
-            shutdown: stop_rx,
+            shutdown: stop.clone(),
             pacer: self.pacer.clone(),
             pace,
             homes: self.homes.clone(),
@@ -139,7 +134,7 @@ impl UplinkParts {
             retain_acked: self.retain_acked,
             status: status.clone(),
         };
-        let task = tokio::spawn(up.run());
+        let task = self.tracker.spawn(up.run());
         (state_rx, status, Stoppable { stop, task })
     }
 }
@@ -149,18 +144,27 @@ struct SerialParts {
     router: Router,
     metrics: Arc<Metrics>,
     events: mpsc::Sender<downlink::LocalEvent>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl SerialParts {
-    fn spawn(&self, cfg: &SerialConfig, registry: &Arc<Registry>) -> RunningPort {
+    /// Starts a port task that waits for `go` before it opens the port (a reload puts the
+    /// port's queue in the new generation first); dropping `go` ends it unopened.
+    fn spawn(
+        &self,
+        cfg: &SerialConfig,
+        registry: &Arc<Registry>,
+    ) -> (RunningPort, tokio::sync::oneshot::Sender<()>) {
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
         let (tx, rx) = mpsc::channel(cfg.write_queue.max(1));
         let devices: Vec<DeviceId> = cfg
             .devices
             .iter()
             .filter_map(|n| registry.lookup(n).map(|d| d.id))
             .collect();
-        let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(serial::run_port(serial::PortContext {
+        let stop = self.shutdown.child_token();
+        let ctx = serial::PortContext {
             cfg: cfg.clone(),
             devices: devices.clone(),
             registry: registry.clone(),
@@ -168,14 +172,20 @@ impl SerialParts {
             metrics: self.metrics.clone(),
             events: self.events.clone(),
             down: rx,
-            shutdown: stop_rx,
-        }));
-        RunningPort {
+            shutdown: stop.clone(),
+        };
+        let task = self.tracker.spawn(async move {
+            if go_rx.await.is_ok() {
+                serial::run_port(ctx).await;
+            }
+        });
+        let port = RunningPort {
             cfg: cfg.clone(),
             devices,
             tx,
             run: Stoppable { stop, task },
-        }
+        };
+        (port, go)
     }
 }
 
@@ -209,12 +219,15 @@ pub struct Hub {
     homes: Arc<homes::Homes>,
     pacer: Arc<pacing::Pacer>,
     clock: Option<Arc<clock::ClockWatch>>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// One shutdown: cancelled once by [`Hub::shutdown`]; every task of the hub watches it (or a
+    /// child of it) and runs on `tracker`, which the stop waits for.
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// The local broker still takes a `watch` stop switch; set together with `shutdown`.
+    broker_stop: watch::Sender<bool>,
     /// Per slot: the device's uplink (`None` once retired).
     uplinks: Vec<Option<Stoppable>>,
     ports: Vec<RunningPort>,
-    adapters: downlink::Adapters,
     uplink_parts: UplinkParts,
     serial_parts: SerialParts,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
@@ -234,6 +247,7 @@ pub struct StartOptions {
 /// `mqtt` or `serial <port>`.for each slot of `registry`.
 fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
     (0..registry.len())
+        .map(DeviceId)
         .map(|id| {
             ports
                 .iter()
@@ -245,11 +259,11 @@ fn transports(registry: &Registry, ports: &[RunningPort]) -> Vec<String> {
 }
 
 /// Where each slot's downstream messages go, given the running ports.
-fn adapter_table(registry: &Registry, ports: &[RunningPort]) -> Vec<downlink::Adapter> {
-    let mut table = vec![downlink::Adapter::Mqtt; registry.len()];
+fn adapter_table(registry: &Registry, ports: &[RunningPort]) -> Vec<generation::Adapter> {
+    let mut table = vec![generation::Adapter::Mqtt; registry.len()];
     for p in ports {
         for &d in &p.devices {
-            table[d] = downlink::Adapter::Serial(p.tx.clone());
+            table[d] = generation::Adapter::Serial(p.tx.clone());
         }
     }
     table
@@ -287,15 +301,14 @@ impl Hub {
             },
             notifier,
         )?;
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (broker_stop, broker_stop_rx) = watch::channel(false);
         let (capture_clock, clock_watch) = match opts.clock {
             Some(c) => (c, None),
             None => {
                 let w = clock::ClockWatch::system(cfg.hub.trust_clock);
-                tasks.push(tokio::spawn(
-                    w.clone().run(outbox.clone(), shutdown_rx.clone()),
-                ));
+                tracker.spawn(w.clone().run(outbox.clone(), shutdown.clone()));
                 (w.clock(), Some(w))
             }
         };
@@ -308,22 +321,37 @@ impl Hub {
         )
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
-        // ops watches local presence on its way to the downlink (status: "local connected?").
+        // The one presence tracker: the downlink applies events in its order, ops reads it; the
+        // tap in front of the downlink notes whether it keeps up (for the watchdog).
         let presence = Arc::new(presence::Presence::new(registry.len()));
-        let local_rx = presence.clone().tap(local_rx);
+        let local_rx = presence.clone().tap(local_rx, &tracker);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
         // downlink fills without waiting.
         let serial_parts = SerialParts {
             router: router.clone(),
             metrics: metrics.clone(),
             events: local_tx.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
         };
         let ports: Vec<RunningPort> = cfg
             .serial
             .iter()
-            .map(|s| serial_parts.spawn(s, &registry))
+            .map(|s| {
+                let (port, go) = serial_parts.spawn(s, &registry);
+                let _ = go.send(());
+                port
+            })
             .collect();
-        let adapters: downlink::Adapters = Arc::new(RwLock::new(adapter_table(&registry, &ports)));
+        // The first generation: the device table and its adapters (sessions follow below, once
+        // the uplinks exist; until then nobody reads them).
+        let view: SharedView = Arc::new(RwLock::new(Arc::new(DeviceView {
+            adapters: adapter_table(&registry, &ports),
+            transports: transports(&registry, &ports),
+            registry: registry.clone(),
+            sessions: Vec::new(),
+            uplinks: Vec::new(),
+        })));
         let broker = broker::LocalBroker::start(
             &cfg.local.mqtt,
             cfg.hub.max_payload_bytes,
@@ -331,27 +359,23 @@ impl Hub {
             router,
             metrics.clone(),
             local_tx,
-            shutdown_rx.clone(),
+            broker_stop_rx,
         )
         .await?;
         let local_addr = broker.local_addr();
         let (down_tx, down_rx) = mpsc::channel(1024);
         let down = downlink::Downlink {
-            registry: shared.clone(),
+            view: view.clone(),
+            presence: presence.clone(),
             broker,
             outbox: outbox.clone(),
             metrics: metrics.clone(),
-            adapters: adapters.clone(),
             cfg: downlink::DownlinkConfig {
                 max_pending_commands: cfg.hub.max_pending_commands,
                 command_ttl: Duration::from_secs(cfg.hub.command_ttl_secs),
             },
         };
-        tasks.push(tokio::spawn(down.run(
-            local_rx,
-            down_rx,
-            shutdown_rx.clone(),
-        )));
+        tracker.spawn(down.run(local_rx, down_rx, shutdown.clone()));
         let endpoint = cfg
             .cloud
             .mqtt_endpoint()
@@ -373,13 +397,13 @@ impl Hub {
             registry.iter().map(|d| (d.mode_id, d.home_id)),
             cfg.cloud.project_key.is_some(),
         );
-        tasks.push(tokio::spawn(homes::run(
+        tracker.spawn(homes::run(
             homes.clone(),
             cfg.cloud.api_url.clone(),
             cfg.cloud.project_key.clone(),
             Duration::from_secs(cfg.cloud.home_poll_interval_secs),
-            shutdown_rx.clone(),
-        )));
+            shutdown.clone(),
+        ));
         let pacer = pacing::Pacer::new(
             cfg.cloud.max_project_messages_per_minute,
             cfg.cloud.max_messages_per_minute,
@@ -396,6 +420,8 @@ impl Hub {
             refusal_retry: Duration::from_secs(cfg.cloud.home_poll_interval_secs),
             // Two polls and some slack: a deactivation is seen within one poll interval.
             retain_acked: Duration::from_secs(2 * cfg.cloud.home_poll_interval_secs + 10),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
         };
         let mut uplinks = Vec::new();
         let mut sessions = Vec::new();
@@ -406,12 +432,13 @@ impl Hub {
             statuses.push(status);
             uplinks.push(Some(run));
         }
-        let view = Arc::new(RwLock::new(Arc::new(DeviceView {
+        *view.write().expect("view lock") = Arc::new(DeviceView {
+            adapters: adapter_table(&registry, &ports),
             transports: transports(&registry, &ports),
             registry: registry.clone(),
             sessions,
             uplinks: statuses,
-        })));
+        });
         tracing::info!(
             devices = registry.len(),
             local = %local_addr,
@@ -428,10 +455,10 @@ impl Hub {
             pacer,
             clock: clock_watch,
             shutdown,
-            tasks,
+            tracker,
+            broker_stop,
             uplinks,
             ports,
-            adapters,
             uplink_parts,
             serial_parts,
             outbox_thread: Some(outbox_thread),
@@ -473,7 +500,7 @@ impl Hub {
         let mut stopping: Vec<Stoppable> = changes
             .retired
             .iter()
-            .filter_map(|&id| self.uplinks.get_mut(id).and_then(Option::take))
+            .filter_map(|&id| self.uplinks.get_mut(id.index()).and_then(Option::take))
             .collect();
         let mut keep = Vec::new();
         let mut wanted: Vec<&SerialConfig> = cfg.serial.iter().collect();
@@ -498,34 +525,44 @@ impl Hub {
             }
         }
         Stoppable::stop_all(stopping).await;
-        // In force: retired devices' local connections close, new ones may log in.
-        self.registry.store(new.clone());
-        self.homes
-            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
         let current = self.view.read().expect("view lock").clone();
         let mut sessions = current.sessions.clone();
         let mut statuses = current.uplinks.clone();
         for &id in &changes.added {
             let (state, status, run) = self.uplink_parts.spawn(new.get(id));
-            debug_assert_eq!(sessions.len(), id);
+            debug_assert_eq!(sessions.len(), id.index());
             sessions.push(state);
             statuses.push(status);
             self.uplinks.push(Some(run));
         }
+        let mut go = Vec::new();
         for w in wanted {
             let name = format!("{} started", w.port.display());
             // A restarted port reads "stopped" then "started".
             report.ports.push(name);
-            keep.push(self.serial_parts.spawn(w, &new));
+            let (port, start) = self.serial_parts.spawn(w, &new);
+            keep.push(port);
+            go.push(start);
         }
         self.ports = keep;
-        *self.adapters.write().expect("adapters lock") = adapter_table(&new, &self.ports);
-        *self.view.write().expect("view lock") = Arc::new(DeviceView {
+        // The new generation, in force at once (no await in between): the device table for
+        // the adapters (retired devices' local connections close, new ones may log in), the
+        // home watcher's devices, and the view with the adapter table the downlink routes by.
+        let generation = Arc::new(DeviceView {
+            adapters: adapter_table(&new, &self.ports),
             transports: transports(&new, &self.ports),
-            registry: new,
+            registry: new.clone(),
             sessions,
             uplinks: statuses,
         });
+        self.registry.store(new.clone());
+        self.homes
+            .set_devices(new.iter().map(|d| (d.mode_id, d.home_id)));
+        *self.view.write().expect("view lock") = generation;
+        // Only now do new ports open and announce their devices.
+        for g in go {
+            let _ = g.send(());
+        }
         report
     }
 
@@ -586,9 +623,11 @@ impl Hub {
             .collect()
     }
 
-    /// Stops accepting, closes sessions, and waits for the outbox's last commit.
+    /// Stops accepting, closes sessions, waits for every task of the hub, and then for the
+    /// outbox's last commit.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
+        let _ = self.broker_stop.send(true);
         let stopping: Vec<Stoppable> = self
             .uplinks
             .drain(..)
@@ -596,8 +635,15 @@ impl Hub {
             .chain(self.ports.drain(..).map(|p| p.run))
             .collect();
         Stoppable::stop_all(stopping).await;
-        for t in self.tasks.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        self.tracker.close();
+        if tokio::time::timeout(STOP_WAIT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.tracker.len(),
+                "some tasks did not end within {STOP_WAIT:?} of the stop; leaving them"
+            );
         }
         let thread = self.outbox_thread.take();
         drop(self);

@@ -6,8 +6,37 @@
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-/// Index of a device slot in the registry. Stable across reloads: a slot is never reused.
-pub type DeviceId = usize;
+/// A device's slot in the registry (an index into its per-device tables). Stable across
+/// reloads: a slot is never reused. Not MODE's device ID (that is the device's `mode_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub usize);
+
+impl DeviceId {
+    /// The slot as an index into per-device tables.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Per-device tables are indexed by slot.
+impl<T> std::ops::Index<DeviceId> for Vec<T> {
+    type Output = T;
+    fn index(&self, id: DeviceId) -> &T {
+        &self[id.0]
+    }
+}
+
+impl<T> std::ops::IndexMut<DeviceId> for Vec<T> {
+    fn index_mut(&mut self, id: DeviceId) -> &mut T {
+        &mut self[id.0]
+    }
+}
 
 /// What a topic under `/devices/{x}/...` is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

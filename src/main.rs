@@ -361,7 +361,7 @@ async fn reload(
             "SIGHUP: device table and serial ports reloaded; unchanged devices kept their sessions"
         );
     }
-    let needs_restart = restart_needed(&old, &new);
+    let needs_restart = old.restart_needed(&new);
     if needs_restart.is_empty() {
         new
     } else {
@@ -381,30 +381,6 @@ async fn reload(
             ..new
         }
     }
-}
-
-/// What differs between two valid configs in ways only a restart applies, in words.
-/// (Devices, serial ports and the log filter are applied by a reload.)
-fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let hub = |c: &Config| {
-        let mut h = c.hub.clone();
-        h.log = String::new();
-        format!("{h:?}")
-    };
-    if hub(old) != hub(new) {
-        out.push("[hub] settings other than log".into());
-    }
-    if format!("{:?}", old.local) != format!("{:?}", new.local) {
-        out.push("[local]".into());
-    }
-    if format!("{:?}", old.cloud) != format!("{:?}", new.cloud) {
-        out.push("[cloud]".into());
-    }
-    if format!("{:?}", old.ops) != format!("{:?}", new.ops) {
-        out.push("[ops]".into());
-    }
-    out
 }
 
 fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {

@@ -117,6 +117,8 @@ pub struct DownStats {
     pub kv_invalid: AtomicU64,
     /// `reload`s served to local devices from the mirror.
     pub kv_reloads_served: AtomicU64,
+    /// Messages for a device dropped because its downlink queue was full (its path is stuck).
+    pub queue_full: AtomicU64,
 }
 
 impl Metrics {

@@ -80,7 +80,7 @@ impl Registry {
             .devices
             .iter()
             .enumerate()
-            .map(|(id, d)| Device::new(id, d))
+            .map(|(id, d)| Device::new(DeviceId(id), d))
             .collect();
         Registry::with_slots(devices, vec![true; cfg.devices.len()])
     }
@@ -108,7 +108,7 @@ impl Registry {
             match self.by_name.get(&d.name) {
                 Some(&id) if self.devices[id].same_as(d) => live[id] = true,
                 _ => {
-                    let id = devices.len();
+                    let id = DeviceId(devices.len());
                     devices.push(Device::new(id, d));
                     live.push(true);
                     changes.added.push(id);
@@ -117,6 +117,7 @@ impl Registry {
         }
         changes.retired = (0..self.devices.len())
             .filter(|&id| self.live[id] && !live[id])
+            .map(DeviceId)
             .collect();
         // A retired slot keeps its name and MODE ID (for logs and stale messages), not its
         // secrets.
@@ -138,7 +139,7 @@ impl Registry {
 
     /// Whether the slot holds a configured device (not one removed or changed by a reload).
     pub fn is_live(&self, id: DeviceId) -> bool {
-        self.live.get(id).copied().unwrap_or(false)
+        self.live.get(id.index()).copied().unwrap_or(false)
     }
 
     /// Configured devices.
@@ -266,8 +267,8 @@ mod tests {
     #[test]
     fn authenticates_both_ways() {
         let r = reg();
-        assert_eq!(r.authenticate("11", b"k11"), Some(0));
-        assert_eq!(r.authenticate("porch", b"pw"), Some(0));
+        assert_eq!(r.authenticate("11", b"k11"), Some(DeviceId(0)));
+        assert_eq!(r.authenticate("porch", b"pw"), Some(DeviceId(0)));
         assert_eq!(r.authenticate("porch", b"k11"), None);
         assert_eq!(r.authenticate("12", b"k11"), None);
         assert_eq!(r.authenticate("garage", b""), None, "no local password set");
@@ -292,20 +293,24 @@ api_key = "k13"
         let cfg = Config::parse(&text, Path::new(".")).unwrap();
         let (n, ch) = r.reconcile(&cfg);
         // porch unchanged keeps 0; garage changed: slot 1 retired, new slot 2; shed new: 3.
-        assert_eq!(ch.retired, vec![1]);
-        assert_eq!(ch.added, vec![2, 3]);
-        assert_eq!(n.lookup("porch").unwrap().id, 0);
-        assert_eq!(n.lookup("garage").unwrap().id, 2);
-        assert_eq!(n.lookup("12").unwrap().id, 2);
-        assert_eq!(n.lookup("shed").unwrap().id, 3);
-        assert!(!n.is_live(1) && n.is_live(2));
-        assert_eq!(n.get(1).mode_id, 12, "retired slot kept");
-        assert_eq!(n.get(1).api_key, Secret::new(""), "without its key");
+        assert_eq!(ch.retired, vec![DeviceId(1)]);
+        assert_eq!(ch.added, vec![DeviceId(2), DeviceId(3)]);
+        assert_eq!(n.lookup("porch").unwrap().id, DeviceId(0));
+        assert_eq!(n.lookup("garage").unwrap().id, DeviceId(2));
+        assert_eq!(n.lookup("12").unwrap().id, DeviceId(2));
+        assert_eq!(n.lookup("shed").unwrap().id, DeviceId(3));
+        assert!(!n.is_live(DeviceId(1)) && n.is_live(DeviceId(2)));
+        assert_eq!(n.get(DeviceId(1)).mode_id, 12, "retired slot kept");
+        assert_eq!(
+            n.get(DeviceId(1)).api_key,
+            Secret::new(""),
+            "without its key"
+        );
         assert_eq!(n.len(), 4);
         assert_eq!(n.live_count(), 3);
         assert_eq!(
             n.iter().map(|d| d.id).collect::<Vec<_>>(),
-            vec![0, 2, 3],
+            vec![DeviceId(0), DeviceId(2), DeviceId(3)],
             "iter skips retired slots"
         );
         assert_eq!(
@@ -313,15 +318,15 @@ api_key = "k13"
             None,
             "old key no longer logs in"
         );
-        assert_eq!(n.authenticate("12", b"new key"), Some(2));
+        assert_eq!(n.authenticate("12", b"new key"), Some(DeviceId(2)));
 
         // Removing a device retires it; reconciling the same config again changes nothing.
         let only_shed = "[[device]]\nname = \"shed\"\nmode_id = 13\napi_key = \"k13\"\n";
         let (m, ch) = n.reconcile(&Config::parse(only_shed, Path::new(".")).unwrap());
-        assert_eq!(ch.retired, vec![0, 2]);
+        assert_eq!(ch.retired, vec![DeviceId(0), DeviceId(2)]);
         assert!(ch.added.is_empty());
         assert_eq!(m.live_count(), 1);
-        assert_eq!(m.lookup("shed").unwrap().id, 3);
+        assert_eq!(m.lookup("shed").unwrap().id, DeviceId(3));
         assert_eq!(m.authenticate("porch", b"pw"), None);
         let (_, ch) = n.reconcile(&cfg);
         assert!(ch.is_empty(), "{ch:?}");
@@ -330,16 +335,16 @@ api_key = "k13"
     #[test]
     fn topics_belong_to_their_device_only() {
         let r = reg();
-        assert!(r.owns_topic(0, "/devices/11/event"));
-        assert!(r.owns_topic(0, "/devices/porch/command"));
-        assert!(r.owns_topic(0, "/devices/porch/#"));
-        assert!(!r.owns_topic(0, "/devices/12/event"));
-        assert!(!r.owns_topic(0, "/devices/+/event"));
-        assert!(!r.owns_topic(0, "/devices/#"));
-        assert!(!r.owns_topic(0, "#"));
+        assert!(r.owns_topic(DeviceId(0), "/devices/11/event"));
+        assert!(r.owns_topic(DeviceId(0), "/devices/porch/command"));
+        assert!(r.owns_topic(DeviceId(0), "/devices/porch/#"));
+        assert!(!r.owns_topic(DeviceId(0), "/devices/12/event"));
+        assert!(!r.owns_topic(DeviceId(0), "/devices/+/event"));
+        assert!(!r.owns_topic(DeviceId(0), "/devices/#"));
+        assert!(!r.owns_topic(DeviceId(0), "#"));
         assert_eq!(
             r.parse_topic("/devices/garage/event"),
-            Some((Some(1), "garage", TopicKind::Event))
+            Some((Some(DeviceId(1)), "garage", TopicKind::Event))
         );
     }
 }

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Something MODE sent to one device.
 #[derive(Debug)]
@@ -133,7 +134,7 @@ pub struct DeviceUplink {
     pub downstream: mpsc::Sender<Downstream>,
     pub metrics: Arc<Metrics>,
     pub state: watch::Sender<SessionState>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     /// Hub-wide pacing.
     pub pacer: Arc<Pacer>,
     /// This device's bucket (AIMD).
@@ -158,7 +159,7 @@ struct Ended {
 type Permit = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl DeviceUplink {
-    /// The status record to hand to [`Hub`] before the task starts.
+    /// The status record to hand to [`crate::Hub`] before the task starts.
     pub fn new_status(device: &Device, pace: &DevicePacer) -> Arc<UplinkStatus> {
         Arc::new(UplinkStatus {
             mode_id: device.mode_id,
@@ -190,12 +191,12 @@ impl DeviceUplink {
         // Spread the first connects of many devices a little.
         self.sleep(Duration::from_millis(fastrand::u64(0..200)))
             .await;
-        while !*self.shutdown.borrow() {
+        while !self.shutdown.is_cancelled() {
             self.set_state(SessionState::Connecting);
             self.metrics.upstream_connects.fetch_add(1, Relaxed);
             let connected = tokio::select! {
                 r = Session::connect(&self.session, self.device.mode_id, &self.device.api_key, &self.status.kv) => r,
-                _ = self.shutdown.changed() => break,
+                _ = self.shutdown.cancelled() => break,
             };
             let delay = match connected {
                 Ok(session) => {
@@ -204,7 +205,7 @@ impl DeviceUplink {
                     let started = tokio::time::Instant::now();
                     let ended = self.pump(session, &mut recent).await;
                     self.pace.set_replaying(false, self.pacer.stats());
-                    if *self.shutdown.borrow() {
+                    if self.shutdown.is_cancelled() {
                         break;
                     }
                     if ended.remote && self.pace.session_ended(self.pacer.stats()) {
@@ -242,7 +243,7 @@ impl DeviceUplink {
     async fn sleep(&mut self, d: Duration) {
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
-            _ = self.shutdown.changed() => {}
+            _ = self.shutdown.cancelled() => {}
         }
     }
 
@@ -451,7 +452,7 @@ impl DeviceUplink {
                     self.update_hold(home_held, refused_until);
                 }
                 _ = self.notify.notified() => more = true,
-                _ = self.shutdown.changed() => {
+                _ = self.shutdown.cancelled() => {
                     session.close().await;
                     return Ended { reason: "hub stopping".into(), remote: false };
                 }

@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use rumqttc::{Event, Outgoing, Packet, QoS};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -127,6 +128,13 @@ async fn sensor(i: usize, addr: SocketAddr, stop: Arc<AtomicBool>, rec: Arc<Mute
     }
 }
 
+/// The last lines of the hub's log (its stderr, all runs appended).
+fn log_tail(log: &Path) -> String {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<_> = log.lines().rev().take(60).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
@@ -158,7 +166,10 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         DEVICES,
         &format!("max_inflight = {WINDOW}\nmax_messages_per_minute = 100000\nmax_project_messages_per_minute = 1000000\n"),
     )
-    .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{local}\""));
+    .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{local}\""))
+        // Its own ops port: the default (9464) may be taken by any other hub on the machine, and
+        // a hub that cannot bind it does not start (exit 1).
+        + "[ops]\nlisten = \"127.0.0.1:0\"\n";
     let config = dir.path().join("hub.toml");
     std::fs::write(&config, text).unwrap();
     let log = dir.path().join("hub.log");
@@ -181,9 +192,13 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         tokio::time::sleep(Duration::from_millis(after)).await;
         kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
         let status = child.wait().unwrap();
-        assert!(
-            !status.success(),
-            "kill {k}: the hub was already gone: {status}"
+        // Killed, not ended by itself (a hub that failed to start exits 1: that is a failure
+        // here, not a kill).
+        assert_eq!(
+            status.signal(),
+            Some(Signal::SIGKILL as i32),
+            "seed {seed}: kill {k}: the hub had already ended by itself: {status}\nhub log:\n{}",
+            log_tail(&log)
         );
         killed_at.push(after);
     }
@@ -259,6 +274,12 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
     }
 
     // SIGTERM: stop accepting, finish the commit, close sessions, exit 0.
+    if let Some(s) = child.try_wait().unwrap() {
+        panic!(
+            "seed {seed}: the last hub ended by itself before SIGTERM ({s})\nhub log:\n{}",
+            log_tail(&log)
+        );
+    }
     let t = Instant::now();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = loop {
@@ -267,12 +288,19 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_event() {
         }
         if t.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
-            panic!("the hub did not stop within 30 s of SIGTERM");
+            panic!(
+                "seed {seed}: the hub did not stop within 30 s of SIGTERM\nhub log:\n{}",
+                log_tail(&log)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let term_time = t.elapsed();
-    assert!(status.success(), "SIGTERM exit status: {status}");
+    assert!(
+        status.success(),
+        "seed {seed}: SIGTERM exit status: {status}\nhub log:\n{}",
+        log_tail(&log)
+    );
 
     let p50 = percentile(&mut latencies, 0.5);
     let p99 = percentile(&mut latencies, 0.99);

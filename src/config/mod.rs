@@ -10,6 +10,7 @@
 //! `problems` (problem reports with file:line locations and "did you mean" hints, from toml's
 //! spans and serde's own field lists), `validate` (the checks on values).
 
+mod diff;
 mod model;
 mod problems;
 mod secret;

@@ -102,7 +102,7 @@ fn default_write_queue() -> usize {
     64
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubConfig {
     /// Where `hub.db` lives.
@@ -160,7 +160,7 @@ impl Default for HubConfig {
 }
 
 /// Health, metrics and status endpoint (`[ops]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpsConfig {
     /// Local HTTP endpoint for /healthz and /metrics; "off" disables it.
@@ -201,13 +201,13 @@ pub enum Transport {
     Rest,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalConfig {
     pub mqtt: LocalMqttConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalMqttConfig {
     /// The port sensors connect to (our authenticating front).
@@ -231,7 +231,7 @@ impl Default for LocalMqttConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CloudConfig {
     pub api_url: String,

@@ -127,6 +127,38 @@ fn bad_toml_is_reported_with_line() {
     assert_eq!(problems[0].line, Some(2));
 }
 
+/// The project key lives in a file; a changed key in the same file must count as a change
+/// (its `Debug` is `***` either way).
+#[cfg(unix)]
+#[test]
+fn a_changed_project_key_in_the_same_file_needs_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("project.key");
+    let src = format!("{GOOD}\n[cloud]\nproject_key_file = \"project.key\"\n")
+        .replace("[cloud]\nmqtt_url = \"mqtt://127.0.0.1:1884\"\n", "");
+    let src = src.replace(
+        "[cloud]\nproject_key_file",
+        "[cloud]\nmqtt_url = \"mqtt://127.0.0.1:1884\"\nproject_key_file",
+    );
+    let load = |k: &str| {
+        std::fs::write(&key, k).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::parse(&src, dir.path()).unwrap()
+    };
+    let old = load("v1.project-key-one\n");
+    let same = load("v1.project-key-one\n");
+    let new = load("v1.project-key-two\n");
+    assert!(old.restart_needed(&same).is_empty());
+    let changed = old.restart_needed(&new);
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(changed[0].contains("[cloud]"), "{changed:?}");
+    assert!(
+        !changed[0].contains("project-key"),
+        "no secret in the words: {changed:?}"
+    );
+}
+
 #[test]
 fn a_secret_of_the_wrong_type_is_not_echoed() {
     for (key, value) in [("local_password", "918273645"), ("api_key", "918273645.5")] {

@@ -26,8 +26,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::TaskTracker;
 
 /// Most ops connections open at once.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -39,12 +40,13 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
 /// How often an accept error (e.g. "Too many open files") is logged at most.
 const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Binds `addr` and serves until `shutdown` turns true. Returns the bound address and the task.
+/// Binds `addr` and serves on `tracker` until `shutdown` is cancelled. Returns the bound address.
 pub async fn serve(
     ctx: Arc<OpsContext>,
     addr: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot listen on [ops] listen = \"{addr}\": {e}. Pick a free port, or set listen = \"off\" to switch the health/metrics endpoint off"
@@ -58,23 +60,16 @@ pub async fn serve(
         .route("/status.json", get(status))
         .route("/", get(index))
         .with_state(ctx);
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
+    tracker.spawn(async move {
         if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
         {
             tracing::error!(error = %e, "ops endpoint stopped");
         }
     });
     tracing::info!(addr = %bound, "ops endpoint listening (/healthz, /metrics, /status.json)");
-    Ok((bound, task))
+    Ok(bound)
 }
 
 async fn index() -> &'static str {

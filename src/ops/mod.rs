@@ -7,7 +7,7 @@
 //!
 //! Everything here only *reads* the hub: counters ([`crate::metrics::Metrics`],
 //! [`crate::outbox::OutboxStats`]), the outbox's per-device depth, the upstream session states
-//! and local presence (a tap on the adapters' presence events, [`Presence`]). A running hub's
+//! and local presence (the one tracker, [`Presence`], kept by the downlink). A running hub's
 //! view is an [`OpsContext`], built by [`crate::Hub::ops_context`]. Its background tasks end when
 //! the hub shuts down, so they never keep the outbox open. Nothing here prints a secret.
 
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// How long a health or watchdog probe of the outbox writer may take before it counts as stuck.
 pub const OUTBOX_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -63,7 +63,7 @@ pub struct OpsContext {
     data_dir: PathBuf,
     stall_after: Duration,
     progress: Mutex<Progress>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     homes: Arc<crate::homes::Homes>,
 }
 
@@ -87,10 +87,10 @@ impl Hub {
                 last_commit_errors: 0,
                 commits_failing: false,
             }),
-            shutdown: self.shutdown.subscribe(),
+            shutdown: self.shutdown.clone(),
             homes: self.homes.clone(),
         });
-        self.tasks.push(tokio::spawn(ctx.clone().monitor()));
+        self.tracker.spawn(ctx.clone().monitor());
         ctx
     }
 
@@ -104,8 +104,7 @@ impl Hub {
         let Some(addr) = cfg.ops.listen_addr() else {
             return Ok(None);
         };
-        let (bound, task) = http::serve(ctx, addr, self.shutdown.subscribe()).await?;
-        self.tasks.push(task);
+        let bound = http::serve(ctx, addr, self.shutdown.clone(), &self.tracker).await?;
         Ok(Some(bound))
     }
 }
@@ -257,7 +256,7 @@ impl OpsContext {
             .map(|d| (d.clone(), v.sessions[d.id].borrow().clone()))
             .collect()
     }
-    pub fn local_connections(&self, dev: usize) -> usize {
+    pub fn local_connections(&self, dev: crate::local::DeviceId) -> usize {
         self.presence.connections(dev)
     }
     /// The state of a device's home from the home watcher: "active", "deactivated",
@@ -304,7 +303,7 @@ impl OpsContext {
     /// writer answers a request queued behind any pending commits (so those commits completed),
     /// the downlink takes local presence events, and the hub is not stopping.
     pub async fn liveness(&self) -> Result<(), String> {
-        if *self.shutdown.borrow() {
+        if self.shutdown.is_cancelled() {
             return Err("hub stopping".into());
         }
         self.depth().await?;
@@ -323,12 +322,12 @@ impl OpsContext {
     async fn monitor(self: Arc<Self>) {
         let every =
             (self.stall_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5));
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         loop {
             self.sample().await;
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => {
+                _ = shutdown.cancelled() => {
                     self.outbox.lock().expect("ops lock").take();
                     return;
                 }

@@ -72,7 +72,7 @@ impl SystemdNotifier {
     }
 
     /// Watchdog pings and STATUS refreshes until the hub stops.
-    async fn run(self, ctx: Arc<OpsContext>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    async fn run(self, ctx: Arc<OpsContext>, shutdown: tokio_util::sync::CancellationToken) {
         let every = self
             .watchdog
             .map(|w| (w / 3).max(Duration::from_millis(50)))
@@ -81,10 +81,7 @@ impl SystemdNotifier {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return,
-            }
-            if *shutdown.borrow() {
-                return;
+                _ = shutdown.cancelled() => return,
             }
             match ctx.liveness().await {
                 Ok(()) => {
@@ -116,7 +113,7 @@ impl Hub {
         if !notifier.enabled() {
             return;
         }
-        let task = tokio::spawn(notifier.clone().run(ctx, self.shutdown.subscribe()));
-        self.tasks.push(task);
+        self.tracker
+            .spawn(notifier.clone().run(ctx, self.shutdown.clone()));
     }
 }

@@ -138,6 +138,12 @@ pub async fn render(ctx: &OpsContext) -> String {
             c.load(Relaxed),
         );
     }
+    o.single(
+        "modehub_downlink_queue_full_total",
+        "counter",
+        "Messages from MODE dropped because their device's downlink queue was full (its storage or serial port is stuck).",
+        m.down.queue_full.load(Relaxed),
+    );
     o.family(
         "modehub_local_front_total",
         "counter",

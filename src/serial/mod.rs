@@ -40,8 +40,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Everything a port task needs.
 pub struct PortContext {
@@ -56,7 +57,7 @@ pub struct PortContext {
     pub events: mpsc::Sender<LocalEvent>,
     /// Commands and DDP messages (MODE JSON) to write to this port as lines.
     pub down: mpsc::Receiver<DownMsg>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
 }
 
 /// Counts a dropped line under its reason.

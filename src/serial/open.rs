@@ -100,7 +100,7 @@ pub async fn run_port(ctx: PortContext) {
         metrics,
         events,
         mut down,
-        mut shutdown,
+        shutdown,
     } = ctx;
     let port = cfg.port.display().to_string();
     let mut task = Port {
@@ -116,14 +116,14 @@ pub async fn run_port(ctx: PortContext) {
     };
     if task.devices.is_empty() {
         tracing::warn!(%port, "serial port has no known devices; not opening it");
-        let _ = shutdown.wait_for(|s| *s).await;
+        shutdown.cancelled().await;
         return;
     }
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     let mut failures: u64 = 0;
     let mut last_failure: Option<OpenFailure> = None;
     loop {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             return;
         }
         // Whether the port's path was seen missing since the last attempt: once it has been,
@@ -146,10 +146,7 @@ pub async fn run_port(ctx: PortContext) {
                 failures = 0;
                 last_failure = None;
                 let opened = Instant::now();
-                let gone = match task
-                    .session(stream, &mut down, &events, &mut shutdown)
-                    .await
-                {
+                let gone = match task.session(stream, &mut down, &events, &shutdown).await {
                     End::Shutdown => return,
                     End::Lost { why, gone } => {
                         task.metrics.serial.port_lost.fetch_add(1, Relaxed);
@@ -197,7 +194,7 @@ pub async fn run_port(ctx: PortContext) {
         };
         tokio::select! {
             _ = sleep => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -137,7 +137,7 @@ impl Port {
         stream: S,
         down: &mut mpsc::Receiver<DownMsg>,
         events: &mpsc::Sender<LocalEvent>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> End {
         let conn = next_conn_id();
         let stats = &self.metrics.serial;
@@ -193,7 +193,7 @@ impl Port {
         &mut self,
         rd: R,
         acks: mpsc::Sender<Vec<u8>>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Option<String> {
         tokio::pin!(rd);
         let mut buf = vec![0u8; 4096];
@@ -228,7 +228,7 @@ impl Port {
                     }
                     self.ack(&acks, a.n, a.err).await;
                 }
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; }, if stop_by.is_none() => {
+                _ = shutdown.cancelled(), if stop_by.is_none() => {
                     stop_by = Some(Instant::now() + STOP_FLUSH);
                 }
                 _ = tokio::time::sleep_until(stop_by.unwrap_or_else(Instant::now)), if stop_by.is_some() => {

@@ -76,9 +76,9 @@ impl Writer {
 
     pub(super) fn encode(&self, m: &DownMsg, out: &mut Vec<u8>) -> Option<usize> {
         let stats = &self.metrics.serial;
-        if !self.devices.contains(&m.dev) || m.dev >= self.registry.len() {
+        if !self.devices.contains(&m.dev) || m.dev.index() >= self.registry.len() {
             stats.down_bad_payload.fetch_add(1, Relaxed);
-            tracing::warn!(port = %self.port, device = m.dev, "a downlink message for a device not on this port was dropped");
+            tracing::warn!(port = %self.port, device = m.dev.index(), "a downlink message for a device not on this port was dropped");
             return None;
         }
         let name = &self.registry.get(m.dev).name;

@@ -11,6 +11,7 @@ use crate::common::*;
 use bytes::Bytes;
 use modehub::config::{Config, SerialConfig};
 use modehub::downlink::{DownKind, DownMsg, LocalEvent};
+use modehub::local::DeviceId;
 use modehub::metrics::Metrics;
 use modehub::outbox::{Kind, Outbox};
 use modehub::registry::{Registry, SharedRegistry, TopicKind};
@@ -22,7 +23,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 const T: Duration = Duration::from_secs(10);
@@ -43,7 +44,7 @@ struct Rig {
     router: Router,
     outbox: Outbox,
     metrics: Arc<Metrics>,
-    shutdown: watch::Sender<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl Rig {
@@ -78,7 +79,7 @@ impl Rig {
             router,
             outbox,
             metrics,
-            shutdown: watch::channel(false).0,
+            shutdown: Default::default(),
         }
     }
 
@@ -99,7 +100,7 @@ impl Rig {
             metrics: self.metrics.clone(),
             events: ev_tx,
             down: rx,
-            shutdown: self.shutdown.subscribe(),
+            shutdown: self.shutdown.clone(),
         }));
         (tx, ev_rx)
     }
@@ -139,7 +140,7 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.cancel();
     }
 }
 
@@ -158,7 +159,7 @@ async fn presence(ev: &mut mpsc::Receiver<LocalEvent>, devs: &[usize], up: bool)
             (false, LocalEvent::Disconnected(d, c)) => (*d, *c),
             _ => panic!("unexpected {e:?} (up = {up})"),
         };
-        assert!(devs.contains(&d), "{e:?}");
+        assert!(devs.contains(&d.index()), "{e:?}");
         assert_eq!(*conn.get_or_insert(c), c);
     }
     conn.unwrap()
@@ -166,7 +167,7 @@ async fn presence(ev: &mut mpsc::Receiver<LocalEvent>, devs: &[usize], up: bool)
 
 fn cmd(dev: usize, action: &str, params: &str) -> DownMsg {
     DownMsg {
-        dev,
+        dev: DeviceId(dev),
         kind: DownKind::Command,
         payload: Bytes::from(format!(r#"{{"action":"{action}","parameters":{params}}}"#)),
     }
@@ -174,7 +175,7 @@ fn cmd(dev: usize, action: &str, params: &str) -> DownMsg {
 
 fn kv(dev: usize, json: &str) -> DownMsg {
     DownMsg {
-        dev,
+        dev: DeviceId(dev),
         kind: DownKind::Kv,
         payload: Bytes::from(json.to_string()),
     }

@@ -4,7 +4,7 @@
 //! line: appends/s, commits, rows per commit, and bytes written to disk (`/proc/self/io`).
 //!
 //! ```text
-//! cargo run --release --example outbox_alone -- DIR [MESSAGES] [WRITERS] [WINDOW] [BODY_BYTES] [full]
+//! target/release/modehub-bench outbox-alone DIR [MESSAGES] [WRITERS] [WINDOW] [BODY_BYTES] [full]
 //! ```
 
 use modehub::outbox::{Capture, Kind, NewRecord, Notifier, Outbox};
@@ -31,9 +31,15 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+pub fn main(args: Vec<String>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let dir = std::path::PathBuf::from(
         args.first()
             .cloned()

@@ -28,7 +28,12 @@ async fn main() -> anyhow::Result<()> {
     let (client, mut eventloop) = AsyncClient::new(opts, 8);
     let event = r#"{"eventType":"temperature","eventData":{"celsius":21.5}}"#;
     client
-        .publish(format!("/devices/{device}/event"), QoS::AtLeastOnce, false, event)
+        .publish(
+            format!("/devices/{device}/event"),
+            QoS::AtLeastOnce,
+            false,
+            event,
+        )
         .await?;
     loop {
         match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {

@@ -162,8 +162,12 @@ impl Proc {
         if let Some(p) = &self.pidfile {
             if let Ok(text) = std::fs::read_to_string(p) {
                 let me = self.pid().to_string();
-                let rest: Vec<&str> = text.lines().filter(|l| *l != me).collect();
-                let _ = std::fs::write(p, rest.join("\n"));
+                let rest: String = text
+                    .lines()
+                    .filter(|l| !l.is_empty() && *l != me)
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                let _ = std::fs::write(p, rest);
             }
         }
     }

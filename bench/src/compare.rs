@@ -844,7 +844,7 @@ impl HubUnderTest {
         std::fs::create_dir_all(&dir)?;
         let local = free_port()?;
         let mut cfg = format!(
-            "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n# Rate limits off (issue 7): MODE's pacing would cap a device at 9 msg/s.\nmax_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000\n",
+            "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n# Rate limits off (issue 7): MODE's pacing would cap a device at 9 msg/s.\nmax_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000\n\n# Several hubs may run at once (the home profile): no fixed ops port.\n[ops]\nlisten = \"off\"\n",
             dir.join("data").display(),
             devices + 64,
             emu.http_addr(),
@@ -946,9 +946,9 @@ async fn run_modehub(
 /// Memory only: the hub's RSS with `devices` configured devices (each with its upstream
 /// session up), with no local client and then with the plan's sensors connected, after one
 /// event from each.
-async fn run_scale(args: &Args, plan: &Plan, devices: usize) -> Result<Figures> {
+async fn run_scale(args: &Args, plan: &Plan, bin: &Path, devices: usize) -> Result<Figures> {
     let mut f = Figures::default();
-    let h = HubUnderTest::start(args, &args.hub_bin, devices, "scale").await?;
+    let h = HubUnderTest::start(args, bin, devices, "scale").await?;
     f.set("startup_s", h.startup_s);
     tokio::time::sleep(Duration::from_secs(1)).await;
     f.set(
@@ -1576,22 +1576,26 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
         s,
         "\n### Memory per configured device (modehub, one upstream session each; idle)\n"
     );
-    let _ = writeln!(s, "| devices | startup s | RSS, no clients MB | RSS, {} sensors connected MB | KB per device above 1 device |", plan.sensors);
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
-    let base = res.med("scale-1", "rss_idle_no_clients_mb");
-    for d in std::iter::once(&1).chain(scale.iter()) {
-        let sys = format!("scale-{d}");
-        let rss = res.med(&sys, "rss_idle_no_clients_mb");
-        let per = if *d > 1 {
-            fmt_num((rss - base) * 1024.0 / (*d - 1) as f64)
+    let _ = writeln!(s, "| devices | startup s | RSS, no clients MB | RSS, {} sensors connected MB | KB per device above 1 device | modehub@{b}: RSS, no clients MB | modehub@{b}: KB per device |", plan.sensors, b = args.baseline_name);
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let per_device = |prefix: &str, d: usize| {
+        let rss = res.med(&format!("{prefix}-{d}"), "rss_idle_no_clients_mb");
+        let base = res.med(&format!("{prefix}-1"), "rss_idle_no_clients_mb");
+        let per = if d > 1 {
+            fmt_num((rss - base) * 1024.0 / (d - 1) as f64)
         } else {
             "–".into()
         };
+        (fmt_num(rss), per)
+    };
+    for d in std::iter::once(&1).chain(scale.iter()) {
+        let sys = format!("scale-{d}");
+        let (rss, per) = per_device("scale", *d);
+        let (b_rss, b_per) = per_device("base-scale", *d);
         let _ = writeln!(
             s,
-            "| {d} | {} | {} | {} | {per} |",
+            "| {d} | {} | {rss} | {} | {per} | {b_rss} | {b_per} |",
             fmt_num(res.med(&sys, "startup_s")),
-            fmt_num(rss),
             fmt_num(res.med(&sys, "rss_idle_mb")),
         );
     }
@@ -1709,9 +1713,16 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         if wanted("scale") {
-            for d in std::iter::once(&1).chain(scale.iter()) {
-                let name = format!("scale-{d}");
-                match run_scale(&args, &plan, *d).await {
+            let mut bins = vec![("scale", &args.hub_bin)];
+            if let Some(b) = &args.baseline {
+                bins.push(("base-scale", b));
+            }
+            for (d, (prefix, bin)) in std::iter::once(&1)
+                .chain(scale.iter())
+                .flat_map(|d| bins.iter().map(move |b| (d, b)))
+            {
+                let name = format!("{prefix}-{d}");
+                match run_scale(&args, &plan, bin, *d).await {
                     Ok(f) => {
                         eprintln!(
                             "  {name:<16} startup {:>6} s  RSS {:>6} MB (no clients), {:>6} MB (sensors)",

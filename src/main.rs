@@ -161,6 +161,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             let reload_log = init_logging(&cfg.hub.log);
+            for w in cfg.file_warnings(&config) {
+                tracing::warn!("{w}");
+            }
             rt.block_on(run(cfg, config, reload_log))
         }
         #[cfg(feature = "emulator")]
@@ -187,6 +190,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) => {
             println!("{}: OK", path.display());
+            for w in cfg.file_warnings(path) {
+                println!("  warning: {w}");
+            }
             println!("  data_dir:   {}", cfg.hub.data_dir.display());
             println!("  local MQTT: {}", cfg.local.mqtt.listen);
             println!("  MODE MQTT:  {}", cfg.cloud.mqtt_url);

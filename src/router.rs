@@ -269,12 +269,91 @@ fn parse_object<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, Rejected
             "payload must be a JSON object",
         ));
     }
+    // Numbers a double cannot hold (`1e999999`) are refused here, counted, rather than stored
+    // and lost at MODE, which cannot parse them: one pass that allocates nothing.
+    serde_json::from_str::<FiniteJson>(text).map_err(|e| {
+        Rejected::invalid(
+            RejectReason::NotJson,
+            format!("{e} (numbers must fit a 64-bit float: no infinities)"),
+        )
+    })?;
     serde_json::from_str(text).map_err(|e| Rejected::invalid(RejectReason::NotJson, e.to_string()))
+}
+
+/// Any JSON value whose numbers are all finite doubles; keeps nothing.
+struct FiniteJson;
+
+impl<'de> Deserialize<'de> for FiniteJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FiniteJson)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FiniteJson {
+    type Value = FiniteJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value with finite numbers")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<FiniteJson, E> {
+        Ok(FiniteJson)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<FiniteJson, E> {
+        Ok(FiniteJson)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<FiniteJson, E> {
+        Ok(FiniteJson)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<FiniteJson, E> {
+        if v.is_finite() {
+            Ok(FiniteJson)
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<FiniteJson, E> {
+        Ok(FiniteJson)
+    }
+    fn visit_unit<E>(self) -> Result<FiniteJson, E> {
+        Ok(FiniteJson)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FiniteJson, A::Error> {
+        while seq.next_element::<FiniteJson>()?.is_some() {}
+        Ok(FiniteJson)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<FiniteJson, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, FiniteJson>()?
+            .is_some()
+        {}
+        Ok(FiniteJson)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_json_cannot_carry_are_refused() {
+        #[derive(Deserialize)]
+        struct Any {}
+        for bad in [
+            r#"{"eventType":"x","eventData":{"a":1e999999}}"#,
+            r#"{"eventType":"x","eventData":{"a":[1,{"b":-1e400}]}}"#,
+            r#"{"action":"set","key":"k","value":1E309}"#,
+        ] {
+            let r = parse_object::<Any>(bad.as_bytes()).map(|_| ()).unwrap_err();
+            assert_eq!(r.reason(), RejectReason::NotJson, "{bad}");
+            assert!(r.to_string().contains("out of range"), "{r}");
+        }
+        for ok in [
+            r#"{"eventType":"x","eventData":{"a":1e308,"b":-0.0,"c":123456789012345678901234567890}}"#,
+            r#"{"eventType":"x","eventData":{"s":"1e999999","n":null,"t":true,"l":[]}}"#,
+        ] {
+            assert!(parse_object::<Any>(ok.as_bytes()).is_ok(), "{ok}");
+        }
+    }
 
     #[test]
     fn kv_key_rule() {

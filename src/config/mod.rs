@@ -48,10 +48,19 @@ impl Config {
             return Err(problems);
         }
         let mut cfg: Config = toml::from_str(src).map_err(|e| {
+            let at = e.span().map(|s| s.start);
+            // serde's message quotes the value ("invalid type: integer `1234`, ..."): never
+            // for a secret, whatever its type.
+            let what = match at.and_then(|at| secret::secret_key_at(src, at)) {
+                Some(key) => format!(
+                    "`{key}` must be a string in quotes (its value is a secret and not shown)"
+                ),
+                None => e.message().to_string(),
+            };
             vec![Problem {
                 key: String::new(),
-                line: e.span().map(|s| problems::line_at(src, s.start)),
-                what: e.message().to_string(),
+                line: at.map(|at| problems::line_at(src, at)),
+                what,
                 fix: "give the value the type shown in config/modehub.example.toml".into(),
             }]
         })?;
@@ -69,6 +78,36 @@ impl Config {
         self.serial
             .iter()
             .position(|s| s.devices.iter().any(|d| d == name))
+    }
+
+    /// Advice about the file the config was read from, for check-config and the log: a
+    /// config holding inline secrets (`api_key`, `local_password`) that everyone on the machine
+    /// can read. (The packaged layout is 0640 root:modehub; key files must be 0600.)
+    pub fn file_warnings(&self, path: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let inline: Vec<&str> = self
+                .devices
+                .iter()
+                .filter(|d| {
+                    d.api_key_file.is_none() && d.api_key.is_some() || d.local_password.is_some()
+                })
+                .map(|d| d.name.as_str())
+                .collect();
+            if let Ok(meta) = std::fs::metadata(path) {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o004 != 0 && !inline.is_empty() {
+                    out.push(format!(
+                        "{} is readable by every user (mode {mode:03o}) and holds secrets inline (api_key / local_password of {}): chmod 640 it (owner root, group modehub), or move API keys to api_key_file (0600)",
+                        path.display(),
+                        inline.join(", ")
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The database file.

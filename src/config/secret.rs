@@ -5,6 +5,19 @@ use serde::Deserialize;
 use std::fmt;
 use std::path::Path;
 
+/// The config keys whose values are secrets: never echoed, whatever is wrong with them.
+pub const SECRET_KEYS: &[&str] = &["api_key", "local_password", "project_key"];
+
+/// The secret key (of [`SECRET_KEYS`]) whose value is at byte `at` of config text `src`, if
+/// the line there reads `key = ...`.
+pub(super) fn secret_key_at(src: &str, at: usize) -> Option<&'static str> {
+    let at = at.min(src.len());
+    let start = src[..at].rfind('\n').map_or(0, |i| i + 1);
+    let line = &src[start..];
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    SECRET_KEYS.iter().copied().find(|k| *k == key)
+}
+
 /// A secret string (API key, password). Never printed.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -18,16 +31,19 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// Constant-time comparison, so a local client cannot guess a password byte by byte.
+    /// Constant-time comparison, so a local client cannot guess a password byte by byte: the
+    /// time depends only on the candidate's length, so neither the secret's bytes nor its
+    /// length leak.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         let a = self.0.as_bytes();
-        if a.len() != candidate.len() {
-            return false;
+        let mut diff = u8::from(a.len() != candidate.len());
+        if a.is_empty() {
+            return candidate.is_empty();
         }
-        a.iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        for (i, c) in candidate.iter().enumerate() {
+            diff |= c ^ a[i % a.len()];
+        }
+        diff == 0
     }
 }
 

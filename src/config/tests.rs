@@ -109,3 +109,86 @@ fn bad_toml_is_reported_with_line() {
     let problems = Config::parse("[hub]\ndata_dir = /x\n", Path::new(".")).unwrap_err();
     assert_eq!(problems[0].line, Some(2));
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_is_not_echoed() {
+    for (key, value) in [("local_password", "918273645"), ("api_key", "918273645.5")] {
+        let src = GOOD
+            .replace("local_password = \"s3cret\"\n", "")
+            .replace("api_key = \"v1.secret-key\"\n", "")
+            .replace("[[device]]\n", &format!("[[device]]\n{key} = {value}\n"));
+        let problems = Config::parse(&src, Path::new(".")).unwrap_err();
+        let text = format!("{problems:?}");
+        assert!(!text.contains("918273645"), "{key}: {text}");
+        assert!(text.contains(key), "{key}: {text}");
+        assert!(problems[0].line.is_some(), "{text}");
+    }
+    // Other keys still say what was wrong with the value.
+    let problems = Config::parse(
+        &GOOD.replace("mode_id = 1234", "mode_id = \"x1\""),
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(format!("{problems:?}").contains("x1"), "{problems:?}");
+}
+
+#[test]
+fn a_short_local_password_is_refused_where_the_lan_can_try_it() {
+    let lan = GOOD.replace("127.0.0.1:1883", "0.0.0.0:1883");
+    for weak in ["x", "pw0", "1234567"] {
+        let src = lan.replace("\"s3cret\"", &format!("\"{weak}\""));
+        let problems = Config::parse(&src, Path::new(".")).unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "device[0].local_password");
+        assert!(problems[0].what.contains("shorter than 8"), "{problems:?}");
+        assert!(
+            !format!("{problems:?}").contains(&format!("\"{weak}\"")),
+            "{problems:?}"
+        );
+    }
+    let name = lan.replace("\"s3cret\"", "\"porch-temp\"");
+    assert!(Config::parse(&name, Path::new(".")).is_err());
+    let strong = lan.replace("\"s3cret\"", "\"Zq8-vT3n-kP\"");
+    assert!(Config::parse(&strong, Path::new(".")).is_ok());
+    // Blank is refused everywhere; on a loopback-only listener short ones are accepted (only
+    // local processes can try them).
+    assert!(Config::parse(&GOOD.replace("\"s3cret\"", "\"\""), Path::new(".")).is_err());
+    assert!(Config::parse(&GOOD.replace("\"s3cret\"", "\"pw0\""), Path::new(".")).is_ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_world_readable_config_with_inline_secrets_gets_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let w = cfg.file_warnings(&path);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("chmod 640") && w[0].contains("porch-temp"),
+        "{w:?}"
+    );
+    assert!(
+        !w[0].contains("secret-key") && !w[0].contains("s3cret"),
+        "{w:?}"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(cfg.file_warnings(&path).is_empty());
+}
+
+#[test]
+fn secret_matches_only_equal_and_hides_its_length() {
+    let s = Secret::new("secret");
+    assert!(s.matches(b"secret"));
+    assert!(!s.matches(b"secreT"));
+    assert!(!s.matches(b"secret1"));
+    assert!(!s.matches(b"secre"));
+    assert!(!s.matches(b""));
+    // A candidate that repeats the secret is not equal to it.
+    assert!(!Secret::new("ab").matches(b"abab"));
+    assert!(!Secret::new("").matches(b"x"));
+    assert!(Secret::new("").matches(b""));
+}

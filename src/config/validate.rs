@@ -7,6 +7,9 @@ use super::{read_secret_file, Config, MqttEndpoint, Problem};
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// Shortest `local_password` accepted when `[local.mqtt] listen` is reachable from the LAN.
+pub const MIN_LOCAL_PASSWORD: usize = 8;
+
 impl Config {
     pub(super) fn validate(&mut self, loc: &Locator, base: &Path, problems: &mut Vec<Problem>) {
         let mut push = |table: &str, key: &str, what: String, fix: String| {
@@ -17,13 +20,44 @@ impl Config {
                 fix,
             });
         };
-        if self.hub.max_payload_bytes < 64 || self.hub.max_payload_bytes > 16 * 1024 * 1024 {
+        // Each local connection may hold one packet of this size (+64 KiB) in memory.
+        if self.hub.max_payload_bytes < 64 || self.hub.max_payload_bytes > 1024 * 1024 {
             push(
                 "hub",
                 "max_payload_bytes",
                 format!("{} is out of range", self.hub.max_payload_bytes),
-                "use a value between 64 and 16777216 (default 65536)".into(),
+                "use a value between 64 and 1048576 (default 65536): every local connection may hold one message of this size in memory".into(),
             );
+        }
+        let mqtt = &mut self.local.mqtt;
+        match (&mqtt.tls_cert_file, &mqtt.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (base.join(cert), base.join(key));
+                for (k, f) in [("tls_cert_file", &cert), ("tls_key_file", &key)] {
+                    if let Err(e) = std::fs::File::open(f) {
+                        push(
+                            "local.mqtt",
+                            k,
+                            format!("cannot read {}: {e}", f.display()),
+                            "give a PEM file the hub can read (key file mode 0600)".into(),
+                        );
+                    }
+                }
+                mqtt.tls_cert_file = Some(cert);
+                mqtt.tls_key_file = Some(key);
+            }
+            (Some(_), None) | (None, Some(_)) => push(
+                "local.mqtt",
+                if mqtt.tls_key_file.is_none() {
+                    "tls_key_file"
+                } else {
+                    "tls_cert_file"
+                },
+                "TLS needs both tls_cert_file and tls_key_file".into(),
+                "set both (PEM certificate chain and its private key), or neither for plain MQTT"
+                    .into(),
+            ),
         }
         if tracing_subscriber::EnvFilter::try_new(&self.hub.log).is_err() {
             push(
@@ -152,6 +186,9 @@ impl Config {
         }
         let mut names = std::collections::HashMap::new();
         let mut ids = std::collections::HashMap::new();
+        // Only a listener on the LAN can be guessed at from the LAN.
+        let listen = self.local.mqtt.listen;
+        let lan_reachable = !listen.ip().is_loopback();
         for (i, d) in self.devices.iter_mut().enumerate() {
             let table = format!("device[{i}]");
             if !valid_name(&d.name) {
@@ -216,6 +253,25 @@ impl Config {
                         "local_password",
                         "local_password is empty".into(),
                         "set a password or remove the key".into(),
+                    );
+                } else if lan_reachable && p.expose().chars().count() < MIN_LOCAL_PASSWORD {
+                    push(
+                        &table,
+                        "local_password",
+                        format!(
+                            "local_password is shorter than {MIN_LOCAL_PASSWORD} characters, and [local.mqtt] listen = \"{}\" lets the LAN try it: even slowed to 20 guesses a second, a short password falls in hours",
+                            listen
+                        ),
+                        format!(
+                            "use {MIN_LOCAL_PASSWORD} or more random characters (e.g. `openssl rand -base64 12`), or listen on 127.0.0.1 only"
+                        ),
+                    );
+                } else if p.expose() == d.name {
+                    push(
+                        &table,
+                        "local_password",
+                        "local_password is the device's name, which anyone can guess".into(),
+                        "use random characters".into(),
                     );
                 }
             }

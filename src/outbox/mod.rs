@@ -18,6 +18,7 @@ mod handoff;
 mod inspect;
 mod kv;
 mod schema;
+mod seqfloor;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -239,19 +240,22 @@ impl Outbox {
         )
     }
 
-    /// Opens `data_dir/hub.db` and starts the writer thread.
+    /// Opens `data_dir/hub.db` and starts the writer thread. The data directory is created 0700
+    /// and the database 0600 whatever the umask (SQLite gives its WAL and shm files the
+    /// database's mode): they hold device data and the command queue.
     pub fn open_with(
         data_dir: &Path,
         opts: OutboxOptions,
         notifier: Notifier,
     ) -> Result<(Outbox, std::thread::JoinHandle<()>), OutboxError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| OutboxError::DataDir {
+        let path = data_dir.join("hub.db");
+        private_files(data_dir, &path).map_err(|source| OutboxError::DataDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
-        let path = data_dir.join("hub.db");
         let stats = Arc::new(OutboxStats::default());
         let conn = open_db(&path, opts.sync_full, &stats)?;
+        let floor = seqfloor::SeqFloor::load(data_dir);
         let mut seqs = HashMap::new();
         {
             let mut st = conn.prepare("SELECT device, next_seq FROM device_seq")?;
@@ -263,6 +267,7 @@ impl Outbox {
                 seqs.insert(d, s);
             }
         }
+        floor.apply(&mut seqs);
         let (rows, bytes): (i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0) FROM outbox",
             [],
@@ -289,6 +294,7 @@ impl Outbox {
             dir: data_dir.to_path_buf(),
             opts,
             seqs,
+            floor,
             notifier,
             stats: stats.clone(),
             dropping: false,
@@ -414,4 +420,38 @@ impl Outbox {
         })
         .await
     }
+}
+
+/// Creates `data_dir` (0700, with missing parents) if needed, and `db` 0600 (an existing one is
+/// narrowed to 0600, and so are its WAL and shm files). Outside systemd's StateDirectoryMode
+/// the umask would leave them 0755 / 0644.
+fn private_files(data_dir: &Path, db: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        if !data_dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)?;
+            // DirBuilder's mode passes through the umask; make sure.
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(db)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let f = PathBuf::from(format!("{}{suffix}", db.display()));
+            if let Ok(meta) = std::fs::metadata(&f) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(data_dir)?;
+    Ok(())
 }

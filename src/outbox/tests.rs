@@ -442,3 +442,80 @@ async fn low_disk_refuses_appends_and_dead_letters_move_rows() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].body, "{\"n\":1}");
 }
+
+#[tokio::test]
+async fn seq_never_goes_back_when_the_database_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, th) = open(dir.path(), OutboxOptions::default());
+    for n in 0..29 {
+        ob.append(rec(5, n)).await.unwrap();
+    }
+    let before = ob.fetch(5, 0, 100).await.unwrap();
+    assert_eq!(before.last().unwrap().dev_seq, 29);
+    drop(ob);
+    th.join().unwrap();
+
+    // A normal restart continues without a gap.
+    let (ob, th) = open(dir.path(), OutboxOptions::default());
+    ob.append(rec(5, 29)).await.unwrap();
+    let rows = ob.fetch(5, 0, 100).await.unwrap();
+    assert_eq!(rows.last().unwrap().dev_seq, 30);
+    drop(ob);
+    th.join().unwrap();
+
+    // The database is lost (nothing salvageable): the next event is numbered above 30.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("hub.db{suffix}")));
+    }
+    std::fs::write(dir.path().join("hub.db"), vec![0x42u8; 8192]).unwrap();
+    let (ob, th) = open(dir.path(), OutboxOptions::default());
+    assert_eq!(ob.stats().corruption_detected.load(Relaxed), 1);
+    ob.append(rec(5, 30)).await.unwrap();
+    let rows = ob.fetch(5, 0, 100).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(
+        rows[0].dev_seq > 30,
+        "_seq went back to {}",
+        rows[0].dev_seq
+    );
+    drop(ob);
+    th.join().unwrap();
+
+    // Deleted outright (a new database): the same.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(format!("hub.db{suffix}")));
+    }
+    let last = rows[0].dev_seq;
+    let (ob, _th) = open(dir.path(), OutboxOptions::default());
+    ob.append(rec(5, 31)).await.unwrap();
+    let rows = ob.fetch(5, 0, 100).await.unwrap();
+    assert!(
+        rows[0].dev_seq > last,
+        "_seq went back to {}",
+        rows[0].dev_seq
+    );
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn data_dir_and_database_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let top = tempfile::tempdir().unwrap();
+    let dir = top.path().join("var/lib/modehub");
+    // Even a umask that lets everyone read: the hub's files stay private.
+    let old = unsafe { libc::umask(0o022) };
+    let (ob, th) = open(&dir, OutboxOptions::default());
+    unsafe { libc::umask(old) };
+    ob.append(rec(1, 0)).await.unwrap();
+    assert_eq!(mode(&dir), 0o700, "data dir");
+    for f in ["hub.db", "hub.db-wal", "seq-floor"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    drop(ob);
+    th.join().unwrap();
+    // An existing database left readable by others is narrowed on open.
+    std::fs::set_permissions(dir.join("hub.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_ob, _th) = open(&dir, OutboxOptions::default());
+    assert_eq!(mode(&dir.join("hub.db")), 0o600);
+}

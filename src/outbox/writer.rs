@@ -139,6 +139,8 @@ pub(super) struct Writer {
     pub(super) opts: OutboxOptions,
     /// Next per-device sequence number.
     pub(super) seqs: HashMap<u64, u64>,
+    /// The sequence numbers' high-water mark outside the database.
+    pub(super) floor: super::seqfloor::SeqFloor,
     pub(super) notifier: Notifier,
     pub(super) stats: Arc<OutboxStats>,
     /// In a burst of bound-enforcing drops (to log once per burst).
@@ -348,6 +350,7 @@ impl Writer {
                 }
             }
         }
+        self.floor.apply(&mut seqs);
         self.seqs = seqs;
     }
 
@@ -357,6 +360,19 @@ impl Writer {
         acks: &[i64],
     ) -> Result<(), OutboxError> {
         self.committed.clear();
+        // The numbers this commit hands out are under the mark on disk before they exist.
+        let mut upto: HashMap<u64, u64> = HashMap::new();
+        for (rec, _) in appends {
+            *upto
+                .entry(rec.device)
+                .or_insert_with(|| self.seqs.get(&rec.device).copied().unwrap_or(1)) += 1;
+        }
+        self.floor
+            .cover(upto)
+            .map_err(|source| OutboxError::DataDir {
+                path: self.dir.join(super::seqfloor::FILE),
+                source,
+            })?;
         let tx = self.conn.transaction()?;
         let mut rows_delta: i64 = 0;
         let mut bytes_delta: i64 = 0;

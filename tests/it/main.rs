@@ -8,11 +8,15 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod compat;
 mod downlink;
 mod emulator;
+mod hostile;
 mod hub;
 mod layout;
+mod local_front;
 mod ops;
+mod ops_limits;
 mod reload;
 mod serial;
 mod serial_line_props;

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# modehub vs Mosquitto (bridge) and the hub's own ceilings, in one invocation (issue 7).
+# modehub vs Mosquitto (bridge) and the hub's own ceilings, in one invocation (issues 7, 12).
 #
-#   benches/compare.sh [--quick] [any option of examples/bench_compare.rs, see --help]
+#   benches/compare.sh [--quick] [any option of `modehub-bench compare`, see --help]
+#   benches/compare.sh --only home          # just the home profile (50 sensors, 5 events/s, 5 min)
+#   benches/compare.sh --only scale         # just memory per configured device (1/20/100/1000)
 #
-# Builds the release binaries (hub + bench examples), installs Debian's mosquitto if it is
-# missing, then runs examples/bench_compare interleaved (A B A B ...) and prints one table of
-# medians with the ratio modehub / peer. Timing figures are reported, never asserted. Every
-# process it starts is stopped on exit, also after an error or Ctrl-C.
+# Builds the release binaries (the hub, and the harness in bench/), installs Debian's mosquitto
+# if it is missing, then runs `modehub-bench compare` interleaved (A B A B ...) and prints one
+# table of medians with the ratio modehub / peer. Timing figures are reported, never asserted.
+# Every process it starts is stopped on exit, also after an error or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +24,7 @@ MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 export PATH="$PATH:/usr/sbin:/usr/bin"
 
 echo "== building (release)" >&2
-cargo build --release --quiet --bin modehub --example bench_compare --example rumqttd_alone --example outbox_alone
+cargo build --release --quiet -p modehub -p modehub-bench --bins
 
 WORK=target/bench-work
 mkdir -p "$WORK"
@@ -39,7 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-target/release/examples/bench_compare \
+target/release/modehub-bench compare \
   --mosquitto-bin "$MOSQUITTO" \
   --work "$WORK" \
   --pidfile "$PIDFILE" \

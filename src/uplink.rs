@@ -311,7 +311,11 @@ impl DeviceUplink {
         let mut refused_until: Option<Instant> = None;
         let mut cursor = 0i64;
         let mut more = true;
-        let mut ready: VecDeque<Row> = VecDeque::with_capacity(window);
+        // The last outbox read reached its end and the cursor was not moved back since: new rows
+        // come with the commit notification (`Outbox::take_committed`), no read needed.
+        let mut caught_up = false;
+        // Grows to the window when a backlog replays; an idle device holds nothing (issue 12).
+        let mut ready: VecDeque<Row> = VecDeque::new();
         let mut permit: Option<Permit> = None;
         let mut buf = Vec::with_capacity(256);
         self.update_hold(home_held, refused_until);
@@ -325,9 +329,28 @@ impl DeviceUplink {
                 // not one read (a round trip through the writer thread) per PUBACK.
                 let room = window.saturating_sub(session.in_flight() + ready.len());
                 if more && ready.is_empty() && session.in_flight() <= window / 2 {
-                    match self.outbox.fetch(self.device.mode_id, cursor, room).await {
+                    let id = self.device.mode_id;
+                    let handed = if caught_up {
+                        self.outbox.take_committed(id, cursor, room)
+                    } else {
+                        None
+                    };
+                    let from_db = handed.is_none();
+                    let read = match handed {
+                        Some(rows) => Ok(rows),
+                        None => {
+                            // Rows committed from here on are handed over; the read gets the rest.
+                            self.outbox.listen(id);
+                            self.outbox.fetch(id, cursor, room).await
+                        }
+                    };
+                    match read {
                         Ok(rows) => {
                             more = rows.len() == room;
+                            // A read from the outbox that came back short reached its end.
+                            if from_db {
+                                caught_up = !more;
+                            }
                             if let Some(last) = rows.last() {
                                 cursor = last.id;
                             }
@@ -338,6 +361,7 @@ impl DeviceUplink {
                         Err(e) => {
                             tracing::error!(device = %self.device.name, error = %e, "cannot read the outbox");
                             more = false;
+                            caught_up = false;
                         }
                     }
                 }
@@ -414,6 +438,7 @@ impl DeviceUplink {
                         refused_until = Some(Instant::now() + self.refusal_retry);
                         ready.clear();
                         cursor = cursor.min(row - 1);
+                        caught_up = false;
                         more = true;
                         self.update_hold(home_held, refused_until);
                     }
@@ -439,6 +464,7 @@ impl DeviceUplink {
                         // Start again from the oldest row when the home is back (put-back rows
                         // and rows acknowledged during the hold are behind the cursor).
                         cursor = 0;
+                        caught_up = false;
                         ready.clear();
                         permit = None;
                     }

@@ -8,11 +8,13 @@
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.
 //!
 //! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
-//! writer thread with its group commits and the checkpointer), `commands` (commands waiting for
-//! a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports for
-//! the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
+//! writer thread with its group commits and the checkpointer), `handoff` (committed rows to the
+//! uplink, acknowledged rows to the writer, without a round trip), `commands` (commands waiting
+//! for a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports
+//! for the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
 
 mod commands;
+mod handoff;
 mod inspect;
 mod kv;
 mod schema;
@@ -23,9 +25,10 @@ mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
 pub use commands::TakenCommands;
+use handoff::{Acked, Handoff, ACK_BATCH};
 pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxReport};
 use schema::{open_db, ROW_OVERHEAD};
-use writer::{Checkpointer, Writer};
+use writer::{Checkpointer, Writer, WAL_KEEP_BYTES};
 
 use rusqlite::params;
 use std::collections::HashMap;
@@ -132,7 +135,16 @@ type Job = Box<dyn FnOnce(&mut Writer) + Send>;
 
 enum Req {
     Append(NewRecord, CommitReply),
-    Ack(i64),
+    /// Acknowledged rows are waiting in [`Acked`] and the writer may sleep without a deadline.
+    Wake,
+    /// `fetch`: the uplink's read, kept apart from other jobs because it need not wait for the
+    /// deferred acknowledgements to be committed (it skips them).
+    Fetch(
+        u64,
+        i64,
+        usize,
+        oneshot::Sender<Result<Vec<Row>, OutboxError>>,
+    ),
     Job(Job),
 }
 
@@ -141,6 +153,8 @@ enum Req {
 pub struct Outbox {
     tx: mpsc::Sender<Req>,
     stats: Arc<OutboxStats>,
+    acked: Arc<Acked>,
+    handoff: Arc<Handoff>,
 }
 
 /// Counters the writer thread keeps (read by metrics).
@@ -265,9 +279,17 @@ impl Outbox {
             .store(bytes as u64 + rows as u64 * ROW_OVERHEAD, Relaxed);
         // Checkpoints (which fsync) run on their own thread so that a commit never waits for them.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Checkpointer::start(&path, opts.sync_full)?;
+        // A WAL that grew in a burst is cut back to this when it starts over.
+        conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
+        let checkpointer = Checkpointer::start(&path, opts.sync_full, stats.clone())?;
         let (tx, rx) = mpsc::channel(MAX_BATCH);
+        let acked = Arc::new(Acked::default());
+        let handoff = Arc::new(Handoff::default());
         let writer = Writer {
+            acked: acked.clone(),
+            handoff: handoff.clone(),
+            acks: Vec::new(),
+            committed: Vec::new(),
             conn,
             dir: data_dir.to_path_buf(),
             opts,
@@ -284,7 +306,15 @@ impl Outbox {
                 checkpointer.stop();
             })
             .expect("spawn outbox thread");
-        Ok((Outbox { tx, stats }, handle))
+        Ok((
+            Outbox {
+                tx,
+                stats,
+                acked,
+                handoff,
+            },
+            handle,
+        ))
     }
 
     pub fn stats(&self) -> &OutboxStats {
@@ -312,10 +342,18 @@ impl Outbox {
         }
     }
 
-    /// MODE acknowledged row `id`: delete it (in the next group commit). An acknowledged kv
-    /// change is also applied to the device's mirror.
+    /// MODE acknowledged row `id`: delete it (with the next append's commit, or within
+    /// `handoff::ACK_DELAY`; reads skip it at once). An acknowledged kv change is also applied
+    /// to the device's mirror then. Wakes the writer only when it sleeps without a deadline.
     pub async fn ack(&self, id: i64) {
-        let _ = self.tx.send(Req::Ack(id)).await;
+        let wake = {
+            let mut ids = self.acked.ids.lock().expect("acked lock");
+            ids.push(id);
+            ids.len() >= ACK_BATCH || self.acked.writer_idle.swap(false, Relaxed)
+        };
+        if wake {
+            let _ = self.tx.send(Req::Wake).await;
+        }
     }
 
     /// Puts back rows MODE had acknowledged (it dropped them: a deactivated home), with their
@@ -347,7 +385,12 @@ impl Outbox {
         after: i64,
         limit: usize,
     ) -> Result<Vec<Row>, OutboxError> {
-        self.job(move |w| w.fetch(device, after, limit)).await
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Req::Fetch(device, after, limit, reply))
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
     }
 
     /// Pending rows per device.

@@ -43,6 +43,56 @@ async fn inspect_reads_depth_and_dead_letters_while_open() {
 }
 
 #[tokio::test]
+async fn committed_rows_are_handed_over_until_the_sequence_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, _th) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
+    ob.append(rec(7, 0)).await.unwrap();
+    // Not listening yet: the uplink must read.
+    assert!(ob.take_committed(7, 0, 10).is_none());
+    ob.listen(7);
+    let read = ob.fetch(7, 0, 10).await.unwrap();
+    assert_eq!(read.len(), 1);
+    ob.append(rec(7, 1)).await.unwrap();
+    ob.append(rec(8, 1)).await.unwrap();
+    ob.append(rec(7, 2)).await.unwrap();
+    let handed = ob.take_committed(7, read[0].id, 10).unwrap();
+    // Exactly what a read would have returned, without the other device's row.
+    assert_eq!(handed, ob.fetch(7, read[0].id, 10).await.unwrap());
+    assert_eq!(handed.len(), 2);
+    assert_eq!(ob.take_committed(7, handed[1].id, 10), Some(vec![]));
+    // A kv change (which may be coalesced) breaks the sequence: read again.
+    ob.append(kv(7, Kind::KvSet, "k", "1")).await.unwrap();
+    assert!(ob.take_committed(7, handed[1].id, 10).is_none());
+}
+
+#[tokio::test]
+async fn acknowledged_rows_are_skipped_at_once_and_deleted_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, _th) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
+    for n in 0..3 {
+        ob.append(rec(5, n)).await.unwrap();
+    }
+    let all = ob.fetch(5, 0, 10).await.unwrap();
+    ob.ack(all[0].id).await;
+    // From the start again (a reconnect): the acknowledged row is not sent again.
+    assert_eq!(ob.fetch(5, 0, 10).await.unwrap(), all[1..].to_vec());
+    // Deleted with the next append's commit.
+    ob.append(rec(5, 3)).await.unwrap();
+    assert_eq!(ob.stats().rows_acked.load(Relaxed), 1);
+    // Or alone, after `ACK_DELAY` without appends.
+    ob.ack(all[1].id).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ob.stats().rows_acked.load(Relaxed) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the acknowledged row was never deleted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(ob.depth().await.unwrap()[&5].rows, 2);
+}
+
+#[tokio::test]
 async fn restored_rows_take_their_old_places_and_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let (ob, _th) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();
@@ -53,8 +103,9 @@ async fn restored_rows_take_their_old_places_and_numbers() {
     for r in &all[..3] {
         ob.ack(r.id).await;
     }
-    // A job runs after the pending acks' commit.
+    // Acknowledged rows are skipped at once, and deleted before any other job runs.
     assert_eq!(ob.fetch(5, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(ob.depth().await.unwrap()[&5].rows, 2);
     let rows_before = ob.stats().pending_rows.load(Relaxed);
     // Put back the first two, and one still present (left alone).
     let back = vec![all[0].clone(), all[1].clone(), all[4].clone()];

@@ -3,6 +3,7 @@
 //! copies the WAL into the database file beside it. It must not be called except through the
 //! [`super::Outbox`] handle's channel.
 
+use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
 use super::schema::{free_disk, is_corruption, ROW_OVERHEAD};
 use super::{
     Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, Notifier, OutboxError, OutboxOptions,
@@ -17,23 +18,39 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How often the checkpointer copies committed WAL frames into the database file.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How often the checkpointer looks: it makes the commits since its last look durable
+/// (`fdatasync` of the WAL), which keeps a power cut's loss to a fraction of a second.
+pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often it copies the WAL into the database file (a checkpoint: two fsyncs and every
+/// touched database page written again), unless `CHECKPOINT_COMMITS` commits come first (under
+/// load it still checkpoints at every look, as before). At
+/// home rates each checkpoint rewrote the same few pages for two or three events: every 5 s
+/// instead of every 500 ms more than halved the bytes written per event (docs/BENCHMARKS.md).
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+pub(super) const CHECKPOINT_COMMITS: u64 = 32;
 /// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
 /// start over (16 MiB with 1 KiB pages); below it, checkpoints never block a commit.
 pub(super) const WAL_RESTART_PAGES: i64 = 16 * 1024;
+/// `journal_size_limit`: the WAL file is truncated back to this when it starts over.
+pub(super) const WAL_KEEP_BYTES: i64 = 4 * 1024 * 1024;
 
 /// Copies the WAL into the database file on its own thread and connection. SQLite's automatic
 /// checkpoint would run inside a commit on the writer thread and make that commit (and every
 /// PUBACK waiting for it) wait for two fsyncs: tens of ms on an SD card or a busy disk, which was
 /// the hub's p99 latency (docs/BENCHMARKS.md). A PASSIVE checkpoint runs alongside commits.
+/// Between checkpoints it syncs the WAL file itself, which is what makes commits durable under
+/// `synchronous=NORMAL` (SQLite replays committed WAL frames at open).
 pub(super) struct Checkpointer {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Checkpointer {
-    pub(super) fn start(path: &Path, sync_full: bool) -> Result<Checkpointer, rusqlite::Error> {
+    pub(super) fn start(
+        path: &Path,
+        sync_full: bool,
+        stats: Arc<OutboxStats>,
+    ) -> Result<Checkpointer, rusqlite::Error> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(
@@ -41,6 +58,11 @@ impl Checkpointer {
             "synchronous",
             if sync_full { "FULL" } else { "NORMAL" },
         )?;
+        let wal_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
         let (stop, rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("outbox-ckpt".into())
@@ -50,17 +72,50 @@ impl Checkpointer {
                         r.get::<_, i64>(1)
                     })
                 };
+                let mut wal: Option<std::fs::File> = None;
+                let mut synced_commits = stats.commits.load(Relaxed);
+                let mut checkpointed_commits = synced_commits;
+                let mut checkpointed_at = Instant::now();
                 loop {
                     let stopping = !matches!(
-                        rx.recv_timeout(CHECKPOINT_EVERY),
+                        rx.recv_timeout(SYNC_EVERY),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                     );
-                    let r = match checkpoint("PASSIVE") {
-                        Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => checkpoint("RESTART"),
-                        other => other,
-                    };
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "outbox checkpoint failed; retrying later");
+                    let commits = stats.commits.load(Relaxed);
+                    let due = stopping
+                        || commits - checkpointed_commits >= CHECKPOINT_COMMITS
+                        || (commits != checkpointed_commits
+                            && checkpointed_at.elapsed() >= CHECKPOINT_EVERY);
+                    if due {
+                        let r = match checkpoint("PASSIVE") {
+                            Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => {
+                                checkpoint("RESTART")
+                            }
+                            other => other,
+                        };
+                        match r {
+                            Ok(_) => {
+                                checkpointed_commits = commits;
+                                synced_commits = commits;
+                                checkpointed_at = Instant::now();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outbox checkpoint failed; retrying later")
+                            }
+                        }
+                    } else if commits != synced_commits && !sync_full {
+                        // (With `synchronous=FULL` every commit is synced already.)
+                        if wal.is_none() {
+                            wal = std::fs::File::open(&wal_path).ok();
+                        }
+                        match wal.as_ref().map(|f| f.sync_data()) {
+                            Some(Ok(())) => synced_commits = commits,
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot sync the outbox WAL; retrying");
+                                wal = None;
+                            }
+                            None => {}
+                        }
                     }
                     if stopping {
                         return;
@@ -90,27 +145,87 @@ pub(super) struct Writer {
     pub(super) stats: Arc<OutboxStats>,
     /// In a burst of bound-enforcing drops (to log once per burst).
     pub(super) dropping: bool,
+    /// Rows MODE acknowledged, to delete with the next commit (`handoff::ACK_DELAY`).
+    pub(super) acks: Vec<i64>,
+    /// Where [`super::Outbox::ack`] puts them.
+    pub(super) acked: Arc<Acked>,
+    pub(super) handoff: Arc<Handoff>,
+    /// Rows of the current commit for the handoff (`None`: one that must be read back).
+    pub(super) committed: Vec<(u64, Option<Row>)>,
 }
 
 impl Writer {
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Req>) {
         let mut appends: Vec<(NewRecord, CommitReply)> = Vec::new();
-        let mut acks: Vec<i64> = Vec::new();
         let mut jobs: Vec<Job> = Vec::new();
+        let mut fetches = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        // Only to wait for a request with a deadline (the deferred acknowledgements).
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("outbox timer runtime");
+        // When the acknowledged rows waiting (in `self.acks` or `self.acked`) must be deleted
+        // even if no append comes; `None`: sleep until a request comes.
+        let mut acks_due: Option<Instant> = None;
+        loop {
+            if acks_due.is_none() {
+                // Going to sleep without a deadline: an acknowledgement must wake us. Checked
+                // after setting the flag, so one that came just before is not missed.
+                self.acked.writer_idle.store(true, Relaxed);
+                if !self.acked.ids.lock().expect("acked lock").is_empty() {
+                    self.acked.writer_idle.store(false, Relaxed);
+                    acks_due = Some(Instant::now() + ACK_DELAY);
+                }
+            }
+            let first = match acks_due {
+                None => rx.blocking_recv(),
+                Some(due) => {
+                    let wait = due.saturating_duration_since(Instant::now());
+                    match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Ok(r) => r,
+                        // Time to delete the acknowledged rows.
+                        Err(_) => Some(Req::Wake),
+                    }
+                }
+            };
+            self.acked.writer_idle.store(false, Relaxed);
+            let Some(first) = first else { break };
             let mut next = Some(first);
             // Group commit: take everything already queued, up to a bound.
             while let Some(req) = next.take() {
                 match req {
                     Req::Append(rec, tx) => appends.push((rec, tx)),
-                    Req::Ack(id) => acks.push(id),
+                    Req::Wake => {}
+                    Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
                     Req::Job(j) => jobs.push(j),
                 }
-                if appends.len() + acks.len() < MAX_BATCH {
+                if appends.len() + self.acks.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
                 }
             }
+            self.acks
+                .append(&mut self.acked.ids.lock().expect("acked lock"));
+            // Deferred acknowledgements go with the next append's commit; alone only when they
+            // are due, many, or a job (which may look at them) is waiting.
+            let acks_now = !appends.is_empty()
+                || !jobs.is_empty()
+                || self.acks.len() >= ACK_BATCH
+                || acks_due.is_some_and(|d| Instant::now() >= d);
+            let acks = if acks_now {
+                std::mem::take(&mut self.acks)
+            } else {
+                Vec::new()
+            };
+            // After appends, their acknowledgements are expected soon: wait for them with a
+            // deadline instead of being woken by each one.
+            acks_due = if !appends.is_empty() {
+                Some(Instant::now() + ACK_DELAY)
+            } else if self.acks.is_empty() {
+                None
+            } else {
+                acks_due.or(Some(Instant::now() + ACK_DELAY))
+            };
             if !appends.is_empty() {
                 if let Err(e) = self.check_disk() {
                     self.stats
@@ -138,6 +253,7 @@ impl Writer {
                         if let Err(e) = self.enforce_bounds() {
                             tracing::error!(error = %e, "cannot enforce the outbox bounds");
                         }
+                        self.handoff.committed(&mut self.committed);
                         touched.clear();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
@@ -155,16 +271,28 @@ impl Writer {
                         tracing::error!(error = %e, rows = appends.len(), "outbox commit failed; nothing was acknowledged");
                         // The in-memory sequence numbers may be ahead of the database now.
                         self.reload_seqs();
+                        self.committed.clear();
                         let e = Arc::new(e);
                         for (_, tx) in appends.drain(..) {
                             let _ = tx.send(Err(e.clone()));
                         }
                     }
                 }
-                acks.clear();
+            }
+            for (d, after, limit, tx) in fetches.drain(..) {
+                let _ = tx.send(self.fetch(d, after, limit));
             }
             for job in jobs.drain(..) {
                 job(&mut self);
+            }
+        }
+        // Stopping: the acknowledged rows still waiting are deleted now.
+        self.acks
+            .append(&mut self.acked.ids.lock().expect("acked lock"));
+        let acks = std::mem::take(&mut self.acks);
+        if !acks.is_empty() {
+            if let Err(e) = self.commit(&[], &acks) {
+                tracing::warn!(error = %e, "cannot delete acknowledged rows at shutdown; they will be sent again");
             }
         }
         tracing::debug!("outbox writer stopped");
@@ -231,6 +359,7 @@ impl Writer {
         appends: &[(NewRecord, CommitReply)],
         acks: &[i64],
     ) -> Result<(), OutboxError> {
+        self.committed.clear();
         // The numbers this commit hands out are under the mark on disk before they exist.
         let mut upto: HashMap<u64, u64> = HashMap::new();
         for (rec, _) in appends {
@@ -284,6 +413,18 @@ impl Writer {
                     rec.captured.boot_id,
                     rec.captured.mono_ms
                 ])?;
+                self.committed.push((
+                    rec.device,
+                    (rec.kind == Kind::Event).then(|| Row {
+                        id: tx.last_insert_rowid(),
+                        device: rec.device,
+                        kind: rec.kind,
+                        key: rec.key.clone(),
+                        body: rec.body.clone(),
+                        dev_seq: *seq,
+                        captured: rec.captured,
+                    }),
+                ));
                 rows_delta += 1;
                 bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
                 *seq += 1;
@@ -445,7 +586,32 @@ impl Writer {
         Ok(n)
     }
 
+    /// Up to `limit` rows after `after`, leaving out those acknowledged and not yet deleted.
     pub(super) fn fetch(
+        &mut self,
+        device: u64,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, OutboxError> {
+        // Acknowledged rows are nearly always behind `after` (already sent): read again only
+        // when some were left out.
+        let mut out: Vec<Row> = Vec::new();
+        let mut after = after;
+        loop {
+            let want = limit - out.len();
+            let rows = self.fetch_stored(device, after, want)?;
+            let full = rows.len() == want;
+            if let Some(last) = rows.last() {
+                after = last.id;
+            }
+            out.extend(rows.into_iter().filter(|r| !self.acks.contains(&r.id)));
+            if !full || out.len() >= limit {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn fetch_stored(
         &mut self,
         device: u64,
         after: i64,

@@ -1,6 +1,8 @@
-//! Side-by-side benchmark (issue 7): modehub -> MODE emulator against Mosquitto -> bridge ->
+//! Side-by-side benchmark (issues 7, 12): modehub -> MODE emulator against Mosquitto -> bridge ->
 //! Mosquitto, plus the ceilings (rumqttd alone, the outbox append path alone), run interleaved
-//! (A B A B ...) with medians over repeats, because the machines here are shared and noisy.
+//! (A B A B ...) with medians over repeats, because the machines here are shared and noisy; and
+//! the *home profile* (50 sensors, one event every 10 s each), where every system under test
+//! runs at the same time for the same minutes, so drift on the machine hits them alike.
 //!
 //! Driven by `benches/compare.sh`, which builds the binaries and installs Mosquitto. This
 //! process hosts the load generator (K rumqttc sensors publishing QoS 1 MODE events with a send
@@ -63,10 +65,12 @@ struct Args {
     /// Name of the baseline column.
     #[arg(long, default_value = "before")]
     baseline_name: String,
-    #[arg(long, default_value = "target/release/examples/rumqttd_alone")]
-    rumqttd_bin: PathBuf,
-    #[arg(long, default_value = "target/release/examples/outbox_alone")]
-    outbox_bin: PathBuf,
+    /// The rumqttd-alone ceiling (default: this binary's `rumqttd-alone` mode).
+    #[arg(long)]
+    rumqttd_bin: Option<PathBuf>,
+    /// The outbox-alone ceiling (default: this binary's `outbox-alone` mode).
+    #[arg(long)]
+    outbox_bin: Option<PathBuf>,
     #[arg(long, default_value = "mosquitto")]
     mosquitto_bin: String,
     /// Scratch directory (data dirs, configs); on the disk being measured.
@@ -81,9 +85,19 @@ struct Args {
     /// Skip the Mosquitto runs (e.g. when it is not installed).
     #[arg(long)]
     no_mosquitto: bool,
-    /// Run only these systems (modehub, base, mosquitto, rumqttd, outbox, scale), comma separated.
+    /// Run only these parts (modehub, base, mosquitto, rumqttd, outbox, scale, home), comma
+    /// separated.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// Home profile: sensors (each its own device and connection).
+    #[arg(long, default_value_t = 50)]
+    home_sensors: usize,
+    /// Home profile: seconds between two events of one sensor.
+    #[arg(long, default_value_t = 10.0)]
+    home_period: f64,
+    /// Home profile: measured seconds per repeat (default 300, 60 with --quick).
+    #[arg(long)]
+    home_secs: Option<u64>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -148,8 +162,12 @@ impl Proc {
         if let Some(p) = &self.pidfile {
             if let Ok(text) = std::fs::read_to_string(p) {
                 let me = self.pid().to_string();
-                let rest: Vec<&str> = text.lines().filter(|l| *l != me).collect();
-                let _ = std::fs::write(p, rest.join("\n"));
+                let rest: String = text
+                    .lines()
+                    .filter(|l| !l.is_empty() && *l != me)
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                let _ = std::fs::write(p, rest);
             }
         }
     }
@@ -167,6 +185,32 @@ struct ProcSample {
     hwm_kb: u64,
     cpu_ticks: u64,
     write_bytes: u64,
+    /// Context switches (voluntary + involuntary) of all the process's live threads: each is
+    /// a thread going to sleep or being woken, the cost that dominates at low rates.
+    switches: u64,
+}
+
+/// Sum of `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` over the threads of `pid`
+/// (`/proc/PID/status` alone counts the main thread only).
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        for l in st.lines() {
+            if let Some(v) = l
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    n
 }
 
 fn clk_tck() -> f64 {
@@ -209,6 +253,7 @@ fn sample(pid: u32) -> Result<ProcSample> {
         hwm_kb: kb("VmHWM:"),
         cpu_ticks: ticks,
         write_bytes,
+        switches: context_switches(pid),
     })
 }
 
@@ -316,8 +361,16 @@ fn sent_ns_of_payload(p: &[u8]) -> Option<u64> {
 }
 
 /// The MQTT side of a subscriber on the cloud Mosquitto.
-async fn mqtt_receiver(addr: SocketAddr, rx: Arc<Receiver>) -> Result<tokio::task::JoinHandle<()>> {
-    let mut opts = MqttOptions::new("bench-cloud-receiver", addr.ip().to_string(), addr.port());
+async fn mqtt_receiver(
+    addr: SocketAddr,
+    rx: Arc<Receiver>,
+    tag: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut opts = MqttOptions::new(
+        format!("bench-cloud-receiver-{tag}"),
+        addr.ip().to_string(),
+        addr.port(),
+    );
     opts.set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut el) = AsyncClient::new(opts, 64);
@@ -471,17 +524,34 @@ impl Fleet {
         }
     }
 
-    /// All sensors together publish `rate` events/s for `secs`; returns how many were sent.
-    async fn fixed_rate(&self, rate: u32, secs: f64, size: usize) -> u64 {
-        let k = self.clients.len() as f64;
-        let period = Duration::from_secs_f64(k / rate as f64);
+    /// All sensors together publish `rate` events/s for `secs`, each sensor at its own even
+    /// pace, the sensors' phases spread over one period; returns how many were sent.
+    fn fixed_rate(
+        &self,
+        rate: f64,
+        secs: f64,
+        size: usize,
+    ) -> impl std::future::Future<Output = u64> + Send + 'static {
+        let clients = self.clients.clone();
+        let topics = self.topics.clone();
+        async move { Self::fixed_rate_on(clients, topics, rate, secs, size).await }
+    }
+
+    async fn fixed_rate_on(
+        clients: Vec<AsyncClient>,
+        topics: Vec<String>,
+        rate: f64,
+        secs: f64,
+        size: usize,
+    ) -> u64 {
+        let k = clients.len() as f64;
+        let period = Duration::from_secs_f64(k / rate);
         let start = tokio::time::Instant::now() + Duration::from_millis(50);
         let end = start + Duration::from_secs_f64(secs);
         let sent = Arc::new(AtomicU64::new(0));
         let mut pubs = Vec::new();
-        for (i, c) in self.clients.iter().enumerate() {
-            let c = c.clone();
-            let topic = self.topics[i].clone();
+        for (i, c) in clients.into_iter().enumerate() {
+            let topic = topics[i].clone();
             let sent = sent.clone();
             let first = start + period.mul_f64(i as f64 / k);
             pubs.push(tokio::spawn(async move {
@@ -630,7 +700,7 @@ async fn measure(
         rx.record_from_ns.store(now_ns() + 1_000_000_000, Relaxed);
         rx.recording.store(true, Relaxed);
         let sent = fleet
-            .fixed_rate(plan.rate, plan.latency_secs as f64, plan.payload)
+            .fixed_rate(plan.rate as f64, plan.latency_secs as f64, plan.payload)
             .await;
         let got = rx.wait_for(c0 + sent, Duration::from_secs(30)).await;
         rx.recording.store(false, Relaxed);
@@ -653,6 +723,10 @@ async fn measure(
         f.set(
             "cpu_per_100k_rate",
             (s1.cpu_ticks - s0.cpu_ticks) as f64 / clk_tck() / sent.max(1) as f64 * 100_000.0,
+        );
+        f.set(
+            "wakeups_per_event_rate",
+            s1.switches.saturating_sub(s0.switches) as f64 / sent.max(1) as f64,
         );
     }
 
@@ -710,6 +784,142 @@ fn device_key(i: usize) -> String {
     )
 }
 
+/// A modehub process under test, with its MODE emulator and the arrivals there.
+struct HubUnderTest {
+    hub: Proc,
+    emu: Emulator,
+    rx: Arc<Receiver>,
+    recv_task: tokio::task::JoinHandle<()>,
+    local: SocketAddr,
+    dir: PathBuf,
+    devices: usize,
+    startup_s: f64,
+}
+
+impl HubUnderTest {
+    /// Starts the hub with `devices` configured devices and waits until every upstream session
+    /// is up at the emulator.
+    async fn start(args: &Args, bin: &Path, devices: usize, tag: &str) -> Result<HubUnderTest> {
+        let seed = Seed {
+            device: (0..devices)
+                .map(|i| SeedDevice {
+                    id: MODE_ID_BASE + i as u64,
+                    api_key: device_key(i),
+                    name: Some(format!("s{i}")),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // The emulator's rate limit is turned off explicitly: this measures the hub, and
+        // MODE's limits would cap a device at 9 msg/s.
+        let emu = Emulator::start(EmulatorConfig {
+            behaviour: Behaviour {
+                rate_limit_per_minute: None,
+                project_rate_limit_per_minute: None,
+                max_recorded_events: 1000,
+                session_queue: 4096,
+                ..Default::default()
+            },
+            ..EmulatorConfig::local(seed)
+        })
+        .await?;
+        let cloud = emu.handle();
+        let rx = Receiver::new();
+        let mut events = cloud.subscribe_events();
+        let rx2 = rx.clone();
+        let recv_task = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => rx2.arrived(sent_ns_of_event(&ev.event_data), 1),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        rx2.arrived(None, n)
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+
+        let dir = args.work.join(format!("{tag}-{devices}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let local = free_port()?;
+        let mut cfg = format!(
+            "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n# Rate limits off (issue 7): MODE's pacing would cap a device at 9 msg/s.\nmax_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000\n\n# Several hubs may run at once (the home profile): no fixed ops port.\n[ops]\nlisten = \"off\"\n",
+            dir.join("data").display(),
+            devices + 64,
+            emu.http_addr(),
+            emu.mqtt_addr()
+        );
+        for i in 0..devices {
+            let _ = write!(
+                cfg,
+                "\n[[device]]\nname = \"s{i}\"\nmode_id = {}\napi_key = \"{}\"\nlocal_password = \"pw{i}\"\n",
+                MODE_ID_BASE + i as u64,
+                device_key(i)
+            );
+        }
+        let cfg_path = dir.join("config.toml");
+        std::fs::write(&cfg_path, cfg)?;
+        let started = Instant::now();
+        let mut hub = Proc::spawn(
+            tag,
+            Command::new(bin).arg("run").arg("--config").arg(&cfg_path),
+            &dir.join("hub.log"),
+            &args.pidfile,
+        )?;
+        wait_port(local, Duration::from_secs(30), &mut hub).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let up = cloud.devices().iter().filter(|d| d.connected).count();
+            if up >= devices {
+                break;
+            }
+            if Instant::now() > deadline || !hub.alive() {
+                bail!("{tag}: only {up} of {devices} upstream sessions came up");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(HubUnderTest {
+            hub,
+            emu,
+            rx,
+            recv_task,
+            local,
+            dir,
+            devices,
+            startup_s: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Connects `sensors` local sensors (the first devices of the config).
+    async fn fleet(&self, sensors: usize, inflight: u16) -> Result<Fleet> {
+        let logins: Vec<Login> = (0..sensors.min(self.devices))
+            .map(|i| Login {
+                user: format!("s{i}"),
+                pass: format!("pw{i}"),
+                topic: format!("/devices/s{i}/event"),
+            })
+            .collect();
+        Fleet::connect(self.local, &logins, inflight).await
+    }
+
+    fn wal_mb(&self) -> f64 {
+        std::fs::metadata(self.dir.join("data").join("hub.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0) as f64
+            / 1e6
+    }
+
+    async fn stop(mut self) {
+        self.hub.stop(Duration::from_secs(10));
+        self.recv_task.abort();
+        self.emu.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The full-speed and fixed-rate scenario against one modehub with `devices` configured.
 async fn run_modehub(
     args: &Args,
     plan: &Plan,
@@ -718,210 +928,335 @@ async fn run_modehub(
     tag: &str,
 ) -> Result<Figures> {
     let mut f = Figures::default();
-    let seed = Seed {
-        device: (0..devices)
-            .map(|i| SeedDevice {
-                id: MODE_ID_BASE + i as u64,
-                api_key: device_key(i),
-                name: Some(format!("s{i}")),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let emu = Emulator::start(EmulatorConfig {
-        behaviour: Behaviour {
-            // The bench measures the hub, not MODE's limits: both off explicitly.
-            rate_limit_per_minute: None,
-            project_rate_limit_per_minute: None,
-            max_recorded_events: 1000,
-            session_queue: 4096,
-            ..Default::default()
-        },
-        ..EmulatorConfig::local(seed)
-    })
-    .await?;
-    let cloud = emu.handle();
-    let rx = Receiver::new();
-    let mut events = cloud.subscribe_events();
-    let rx2 = rx.clone();
-    let recv_task = tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(ev) => rx2.arrived(sent_ns_of_event(&ev.event_data), 1),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => rx2.arrived(None, n),
-                Err(_) => return,
-            }
-        }
-    });
-
-    let dir = args.work.join(format!("{tag}-{devices}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let local = free_port()?;
-    let mut cfg = format!(
-        "[hub]\ndata_dir = \"{}\"\nlog = \"warn\"\n\n[local.mqtt]\nlisten = \"{local}\"\nmax_connections = {}\n\n[cloud]\napi_url = \"http://{}\"\nmqtt_url = \"mqtt://{}\"\n# Rate limits off (issue 7): MODE's pacing would cap a device at 9 msg/s.\nmax_messages_per_minute = 100000000\nmax_project_messages_per_minute = 100000000\n",
-        dir.join("data").display(),
-        devices + 64,
-        emu.http_addr(),
-        emu.mqtt_addr()
-    );
-    for i in 0..devices {
-        let _ = write!(
-            cfg,
-            "\n[[device]]\nname = \"s{i}\"\nmode_id = {}\napi_key = \"{}\"\nlocal_password = \"pw{i}\"\n",
-            MODE_ID_BASE + i as u64,
-            device_key(i)
-        );
-    }
-    let cfg_path = dir.join("config.toml");
-    std::fs::write(&cfg_path, cfg)?;
-    let started = Instant::now();
-    let mut hub = Proc::spawn(
-        tag,
-        Command::new(bin).arg("run").arg("--config").arg(&cfg_path),
-        &dir.join("hub.log"),
-        &args.pidfile,
-    )?;
-    wait_port(local, Duration::from_secs(30), &mut hub).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let up = cloud.devices().iter().filter(|d| d.connected).count();
-        if up >= devices {
-            break;
-        }
-        if Instant::now() > deadline || !hub.alive() {
-            bail!("{tag}: only {up} of {devices} upstream sessions came up");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    f.set("startup_s", started.elapsed().as_secs_f64());
+    let h = HubUnderTest::start(args, bin, devices, tag).await?;
+    f.set("startup_s", h.startup_s);
     tokio::time::sleep(Duration::from_millis(500)).await;
     f.set(
         "rss_idle_no_clients_mb",
-        sample(hub.pid())?.rss_kb as f64 / 1024.0,
+        sample(h.hub.pid())?.rss_kb as f64 / 1024.0,
     );
-
-    let logins: Vec<Login> = (0..plan.sensors.min(devices))
-        .map(|i| Login {
-            user: format!("s{i}"),
-            pass: format!("pw{i}"),
-            topic: format!("/devices/s{i}/event"),
-        })
-        .collect();
-    let fleet = Fleet::connect(local, &logins, plan.inflight).await?;
-    let r = measure(plan, hub.pid(), &fleet, &rx, &mut f).await;
+    let fleet = h.fleet(plan.sensors, plan.inflight).await?;
+    let r = measure(plan, h.hub.pid(), &fleet, &h.rx, &mut f).await;
     // The WAL must not grow without bound now that checkpoints run beside the writer.
-    let wal = std::fs::metadata(dir.join("data").join("hub.db-wal"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    f.set("wal_mb_end", wal as f64 / 1e6);
+    f.set("wal_mb_end", h.wal_mb());
     fleet.close().await;
-    hub.stop(Duration::from_secs(10));
-    recv_task.abort();
-    emu.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    h.stop().await;
     r.map(|_| f)
+}
+
+/// Memory only: the hub's RSS with `devices` configured devices (each with its upstream
+/// session up), with no local client and then with the plan's sensors connected, after one
+/// event from each.
+async fn run_scale(args: &Args, plan: &Plan, bin: &Path, devices: usize) -> Result<Figures> {
+    let mut f = Figures::default();
+    let h = HubUnderTest::start(args, bin, devices, "scale").await?;
+    f.set("startup_s", h.startup_s);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.set(
+        "rss_idle_no_clients_mb",
+        sample(h.hub.pid())?.rss_kb as f64 / 1024.0,
+    );
+    let sensors = plan.sensors.min(devices);
+    let fleet = h.fleet(sensors, plan.inflight).await?;
+    let c0 = h.rx.count.load(Relaxed);
+    for (i, c) in fleet.clients.iter().enumerate() {
+        c.publish(
+            fleet.topics[i].as_str(),
+            QoS::AtLeastOnce,
+            false,
+            payload(plan.payload, i, 0),
+        )
+        .await?;
+    }
+    let arrived =
+        h.rx.wait_for(c0 + sensors as u64, Duration::from_secs(30))
+            .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.set("rss_idle_mb", sample(h.hub.pid())?.rss_kb as f64 / 1024.0);
+    fleet.close().await;
+    h.stop().await;
+    if arrived.is_none() {
+        bail!("scale {devices}: the sensors' events did not all reach the cloud");
+    }
+    Ok(f)
 }
 
 // ------------------------------------------------------------------------------------------
 // Mosquitto with a bridge
 // ------------------------------------------------------------------------------------------
 
+/// A local Mosquitto with persistence and a QoS 1 bridge to a second Mosquitto (the cloud),
+/// and a subscriber timestamping arrivals there.
+struct MosquittoUnderTest {
+    broker: Proc,
+    cloud: Proc,
+    rx: Arc<Receiver>,
+    recv_task: tokio::task::JoinHandle<()>,
+    local: SocketAddr,
+    dir: PathBuf,
+    sensors: usize,
+}
+
+impl MosquittoUnderTest {
+    async fn start(args: &Args, sensors: usize, tag: &str) -> Result<MosquittoUnderTest> {
+        let dir = args.work.join(tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("persist"))?;
+        let dir = std::fs::canonicalize(&dir)?;
+        let cloud_addr = free_port()?;
+        let local = free_port()?;
+        // The cloud: plain, in memory, unlimited queues so nothing is dropped.
+        let cloud_conf = dir.join("cloud.conf");
+        std::fs::write(
+            &cloud_conf,
+            format!(
+                "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n",
+                cloud_addr.port()
+            ),
+        )?;
+        let mut cloud = Proc::spawn(
+            &format!("{tag}-cloud"),
+            Command::new(&args.mosquitto_bin).arg("-c").arg(&cloud_conf),
+            &dir.join("cloud.log"),
+            &args.pidfile,
+        )?;
+        wait_port(cloud_addr, Duration::from_secs(10), &mut cloud).await?;
+        let rx = Receiver::new();
+        let recv_task = mqtt_receiver(cloud_addr, rx.clone(), tag).await?;
+
+        // The local broker: Debian's defaults plus a password file, persistence on, and a
+        // QoS 1 bridge of the event topics to the cloud.
+        let pwfile = dir.join("passwd");
+        std::fs::write(&pwfile, "")?;
+        for i in 0..sensors {
+            let st = Command::new("mosquitto_passwd")
+                .arg("-b")
+                .arg(&pwfile)
+                .arg(format!("s{i}"))
+                .arg(format!("pw{i}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?;
+            if !st.success() {
+                bail!("mosquitto_passwd failed");
+            }
+        }
+        let local_conf = dir.join("local.conf");
+        std::fs::write(
+            &local_conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\n\
+                 persistence true\npersistence_location {persist}/\nmax_queued_messages 0\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\n\n\
+                 connection cloud\naddress 127.0.0.1:{cloud}\nbridge_protocol_version mqttv311\n\
+                 cleansession false\nclientid {tag}-bridge\nnotifications false\n\
+                 topic /devices/+/event out 1\n",
+                port = local.port(),
+                pw = pwfile.display(),
+                persist = dir.join("persist").display(),
+                cloud = cloud_addr.port(),
+            ),
+        )?;
+        let mut broker = Proc::spawn(
+            &format!("{tag}-local"),
+            Command::new(&args.mosquitto_bin).arg("-c").arg(&local_conf),
+            &dir.join("local.log"),
+            &args.pidfile,
+        )?;
+        wait_port(local, Duration::from_secs(10), &mut broker).await?;
+        Ok(MosquittoUnderTest {
+            broker,
+            cloud,
+            rx,
+            recv_task,
+            local,
+            dir,
+            sensors,
+        })
+    }
+
+    async fn fleet(&self, inflight: u16) -> Result<Fleet> {
+        let logins: Vec<Login> = (0..self.sensors)
+            .map(|i| Login {
+                user: format!("s{i}"),
+                pass: format!("pw{i}"),
+                topic: format!("/devices/s{i}/event"),
+            })
+            .collect();
+        Fleet::connect(self.local, &logins, inflight).await
+    }
+
+    async fn stop(mut self) {
+        self.broker.stop(Duration::from_secs(5));
+        self.cloud.stop(Duration::from_secs(5));
+        self.recv_task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn run_mosquitto(args: &Args, plan: &Plan) -> Result<Figures> {
     let mut f = Figures::default();
-    let dir = args.work.join("mosquitto");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("persist"))?;
-    let dir = std::fs::canonicalize(&dir)?;
-    let cloud_addr = free_port()?;
-    let local = free_port()?;
-    // The cloud: plain, in memory, unlimited queues so nothing is dropped.
-    let cloud_conf = dir.join("cloud.conf");
-    std::fs::write(
-        &cloud_conf,
-        format!(
-            "user root\nlistener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n",
-            cloud_addr.port()
-        ),
-    )?;
-    let mut cloud = Proc::spawn(
-        "mosquitto-cloud",
-        Command::new(&args.mosquitto_bin).arg("-c").arg(&cloud_conf),
-        &dir.join("cloud.log"),
-        &args.pidfile,
-    )?;
-    wait_port(cloud_addr, Duration::from_secs(10), &mut cloud).await?;
-    let rx = Receiver::new();
-    let recv_task = mqtt_receiver(cloud_addr, rx.clone()).await?;
-
-    // The local broker: Debian's defaults plus a password file, persistence on, and a QoS 1
-    // bridge of the event topics to the cloud.
-    let pwfile = dir.join("passwd");
-    std::fs::write(&pwfile, "")?;
-    for i in 0..plan.sensors {
-        let st = Command::new("mosquitto_passwd")
-            .arg("-b")
-            .arg(&pwfile)
-            .arg(format!("s{i}"))
-            .arg(format!("pw{i}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !st.success() {
-            bail!("mosquitto_passwd failed");
-        }
-    }
-    let local_conf = dir.join("local.conf");
-    std::fs::write(
-        &local_conf,
-        format!(
-            "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\n\
-             persistence true\npersistence_location {persist}/\nmax_queued_messages 0\n\
-             log_dest stderr\nlog_type error\nlog_type warning\n\n\
-             connection cloud\naddress 127.0.0.1:{cloud}\nbridge_protocol_version mqttv311\n\
-             cleansession false\nclientid hub-bridge\nnotifications false\n\
-             topic /devices/+/event out 1\n",
-            port = local.port(),
-            pw = pwfile.display(),
-            persist = dir.join("persist").display(),
-            cloud = cloud_addr.port(),
-        ),
-    )?;
-    let mut broker = Proc::spawn(
-        "mosquitto-local",
-        Command::new(&args.mosquitto_bin).arg("-c").arg(&local_conf),
-        &dir.join("local.log"),
-        &args.pidfile,
-    )?;
-    wait_port(local, Duration::from_secs(10), &mut broker).await?;
-    let logins: Vec<Login> = (0..plan.sensors)
-        .map(|i| Login {
-            user: format!("s{i}"),
-            pass: format!("pw{i}"),
-            topic: format!("/devices/s{i}/event"),
-        })
-        .collect();
-    let fleet = Fleet::connect(local, &logins, plan.inflight).await?;
-    let r = measure(plan, broker.pid(), &fleet, &rx, &mut f).await;
+    let m = MosquittoUnderTest::start(args, plan.sensors, "mosquitto").await?;
+    let fleet = m.fleet(plan.inflight).await?;
+    let r = measure(plan, m.broker.pid(), &fleet, &m.rx, &mut f).await;
     fleet.close().await;
-    broker.stop(Duration::from_secs(5));
-    cloud.stop(Duration::from_secs(5));
-    recv_task.abort();
-    let _ = std::fs::remove_dir_all(&dir);
+    m.stop().await;
     r.map(|_| f)
+}
+
+// ------------------------------------------------------------------------------------------
+// The home profile
+// ------------------------------------------------------------------------------------------
+
+/// One system in the home profile: its broker's PID, its sensors and its arrivals.
+struct HomeSystem {
+    name: String,
+    pid: u32,
+    fleet: Fleet,
+    rx: Arc<Receiver>,
+}
+
+/// Tens of sensors, one event every few seconds each: every system under test at once, each
+/// with its own sensors, for the same minutes. Reports per event what a Pi pays at home: CPU,
+/// bytes written to the card, wake-ups; and p99 and RSS.
+async fn run_home(args: &Args, plan: &Plan, secs: u64) -> Result<Vec<(String, Figures)>> {
+    let sensors = args.home_sensors.max(1);
+    let rate = sensors as f64 / args.home_period.max(0.01);
+    let mut hubs = Vec::new();
+    let mut mosq = None;
+    let mut systems = Vec::new();
+    let mut bins = vec![("modehub".to_string(), args.hub_bin.clone())];
+    if let Some(b) = &args.baseline {
+        bins.push((format!("modehub@{}", args.baseline_name), b.clone()));
+    }
+    let result = async {
+        for (i, (name, bin)) in bins.iter().enumerate() {
+            let h = HubUnderTest::start(args, bin, sensors, &format!("home{i}")).await?;
+            let fleet = h.fleet(sensors, 10).await?;
+            systems.push(HomeSystem {
+                name: name.clone(),
+                pid: h.hub.pid(),
+                fleet,
+                rx: h.rx.clone(),
+            });
+            hubs.push(h);
+        }
+        if !args.no_mosquitto {
+            let m = MosquittoUnderTest::start(args, sensors, "home-mosquitto").await?;
+            let fleet = m.fleet(10).await?;
+            systems.push(HomeSystem {
+                name: "mosquitto".into(),
+                pid: m.broker.pid(),
+                fleet,
+                rx: m.rx.clone(),
+            });
+            mosq = Some(m);
+        }
+        // Warm-up: one event from every sensor, end to end, on every system.
+        for s in &systems {
+            let c0 = s.rx.count.load(Relaxed);
+            for (i, c) in s.fleet.clients.iter().enumerate() {
+                c.publish(
+                    s.fleet.topics[i].as_str(),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(plan.payload, i, 0),
+                )
+                .await?;
+            }
+            if s.rx
+                .wait_for(c0 + sensors as u64, Duration::from_secs(60))
+                .await
+                .is_none()
+            {
+                bail!("home: {}'s warm-up events did not reach the cloud", s.name);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut starts = Vec::new();
+        for s in &systems {
+            s.rx.hist.lock().unwrap().reset();
+            s.rx.record_from_ns.store(now_ns(), Relaxed);
+            s.rx.recording.store(true, Relaxed);
+            starts.push((sample(s.pid)?, s.rx.count.load(Relaxed)));
+        }
+        let runs: Vec<_> = systems
+            .iter()
+            .map(|s| tokio::spawn(s.fleet.fixed_rate(rate, secs as f64, plan.payload)))
+            .collect();
+        let mut sent = Vec::new();
+        for r in runs {
+            sent.push(r.await.unwrap_or(0));
+        }
+        let mut out = Vec::new();
+        for ((s, (s0, c0)), sent) in systems.iter().zip(&starts).zip(&sent) {
+            let got = s.rx.wait_for(c0 + sent, Duration::from_secs(60)).await;
+            s.rx.recording.store(false, Relaxed);
+            if got.is_none() {
+                eprintln!(
+                    "  warning: home: {}: {} of {sent} events arrived",
+                    s.name,
+                    s.rx.count.load(Relaxed) - c0
+                );
+            }
+            let s1 = sample(s.pid)?;
+            let n = (*sent).max(1) as f64;
+            let h = s.rx.hist.lock().unwrap().clone();
+            let mut f = Figures::default();
+            f.set("home_events", n);
+            f.set(
+                "home_cpu_ms_per_event",
+                (s1.cpu_ticks - s0.cpu_ticks) as f64 / clk_tck() * 1000.0 / n,
+            );
+            let bytes = (s1.write_bytes - s0.write_bytes) as f64 / n;
+            f.set("home_disk_per_event", bytes);
+            f.set("home_disk_mb_per_day", bytes * rate * 86_400.0 / 1e6);
+            f.set(
+                "home_wakeups_per_event",
+                s1.switches.saturating_sub(s0.switches) as f64 / n,
+            );
+            f.set("home_p50_ms", h.value_at_quantile(0.50) as f64 / 1000.0);
+            f.set("home_p99_ms", h.value_at_quantile(0.99) as f64 / 1000.0);
+            f.set("home_rss_mb", s1.rss_kb as f64 / 1024.0);
+            out.push((s.name.clone(), f));
+        }
+        anyhow::Ok(out)
+    }
+    .await;
+    for s in systems {
+        s.fleet.close().await;
+    }
+    for h in hubs {
+        h.stop().await;
+    }
+    if let Some(m) = mosq {
+        m.stop().await;
+    }
+    result
 }
 
 // ------------------------------------------------------------------------------------------
 // Ceilings
 // ------------------------------------------------------------------------------------------
 
+/// The given binary, or this one in `mode`.
+fn self_mode(bin: &Option<PathBuf>, mode: &str) -> Result<Command> {
+    Ok(match bin {
+        Some(b) => Command::new(b),
+        None => {
+            let mut c = Command::new(std::env::current_exe().context("finding this binary")?);
+            c.arg(mode);
+            c
+        }
+    })
+}
+
 async fn run_rumqttd(args: &Args, plan: &Plan) -> Result<Figures> {
     let mut f = Figures::default();
     let dir = args.work.join("rumqttd");
     std::fs::create_dir_all(&dir)?;
     let addr = free_port()?;
-    let mut cmd = Command::new(&args.rumqttd_bin);
+    let mut cmd = self_mode(&args.rumqttd_bin, "rumqttd-alone")?;
     cmd.arg(addr.to_string());
     for i in 0..plan.sensors {
         cmd.arg(format!("s{i}:pw{i}"));
@@ -971,7 +1306,7 @@ async fn run_outbox(args: &Args, plan: &Plan) -> Result<Figures> {
     let _ = std::fs::remove_dir_all(&dir);
     // The body the hub stores for our events: the eventData object (payload minus envelope).
     let body = plan.payload.saturating_sub(38);
-    let out = Command::new(&args.outbox_bin)
+    let out = self_mode(&args.outbox_bin, "outbox-alone")?
         .arg(&dir)
         .arg(plan.messages.to_string())
         .arg(plan.sensors.to_string())
@@ -1049,6 +1384,11 @@ const FIGURES: &[(&str, &str, bool)] = &[
         false,
     ),
     (
+        "wakeups_per_event_rate",
+        "wake-ups (context switches) per event (fixed rate)",
+        false,
+    ),
+    (
         "disk_per_event",
         "disk bytes written per event (full speed)",
         false,
@@ -1064,6 +1404,71 @@ const FIGURES: &[(&str, &str, bool)] = &[
         false,
     ),
 ];
+
+/// The home profile's figures (key, label).
+const HOME_FIGURES: &[(&str, &str)] = &[
+    ("home_cpu_ms_per_event", "CPU ms per event"),
+    ("home_disk_per_event", "disk bytes written per event"),
+    ("home_disk_mb_per_day", "disk MB written per day"),
+    (
+        "home_wakeups_per_event",
+        "wake-ups (context switches) per event",
+    ),
+    ("home_p50_ms", "latency p50, ms (publish -> cloud)"),
+    ("home_p99_ms", "latency p99, ms"),
+    ("home_rss_mb", "RSS at the end, MB"),
+];
+
+fn home_table(s: &mut String, args: &Args, res: &Results, hub: &str) {
+    let hub_home = format!("{hub}/home");
+    let repeats = res.runs.get(&hub_home).map(|r| r.len()).unwrap_or(0);
+    if repeats == 0 {
+        return;
+    }
+    let base = format!("modehub@{}/home", args.baseline_name);
+    let has_base = args.baseline.is_some();
+    let _ = writeln!(
+        s,
+        "\n### Home profile (medians of {repeats} runs; {} sensors, one event every {} s each = {:.1} events/s; all systems at once)\n",
+        args.home_sensors,
+        args.home_period,
+        args.home_sensors as f64 / args.home_period
+    );
+    if has_base {
+        let _ = writeln!(s, "| figure | modehub | modehub@{} | mosquitto+bridge | modehub / mosquitto | modehub / modehub@{} |", args.baseline_name, args.baseline_name);
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|");
+    } else {
+        let _ = writeln!(
+            s,
+            "| figure | modehub | mosquitto+bridge | modehub / mosquitto |"
+        );
+        let _ = writeln!(s, "|---|---:|---:|---:|");
+    }
+    for (k, label) in HOME_FIGURES {
+        let a = res.med(&hub_home, k);
+        let m = res.med("mosquitto/home", k);
+        if has_base {
+            let b = res.med(&base, k);
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} | {} | {} |",
+                fmt_num(a),
+                fmt_num(b),
+                fmt_num(m),
+                ratio(a, m),
+                ratio(a, b)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {} |",
+                fmt_num(a),
+                fmt_num(m),
+                ratio(a, m)
+            );
+        }
+    }
+}
 
 fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) -> String {
     let mut s = String::new();
@@ -1167,41 +1572,33 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
         fmt_num(res.med("outbox", "rows_per_commit"))
     );
 
-    let _ = writeln!(s, "\n### modehub with more configured devices (one upstream session each; {} publishing sensors)\n", plan.sensors);
-    let _ = writeln!(s, "| devices | startup s | RSS idle, no clients MB | RSS idle MB | RSS peak MB | ingest/s | e2e/s | p99 ms | ingest vs {} devices |", plan.sensors);
-    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let hi = res.med(hub, "ingest_per_s");
-    let mut rows = vec![(plan.sensors, hub.to_string())];
-    for d in scale {
-        rows.push((*d, format!("modehub-{d}")));
-    }
-    for (d, sys) in &rows {
+    home_table(&mut s, args, res, hub);
+    let _ = writeln!(
+        s,
+        "\n### Memory per configured device (modehub, one upstream session each; idle)\n"
+    );
+    let _ = writeln!(s, "| devices | startup s | RSS, no clients MB | RSS, {} sensors connected MB | KB per device above 1 device | modehub@{b}: RSS, no clients MB | modehub@{b}: KB per device |", plan.sensors, b = args.baseline_name);
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+    let per_device = |prefix: &str, d: usize| {
+        let rss = res.med(&format!("{prefix}-{d}"), "rss_idle_no_clients_mb");
+        let base = res.med(&format!("{prefix}-1"), "rss_idle_no_clients_mb");
+        let per = if d > 1 {
+            fmt_num((rss - base) * 1024.0 / (d - 1) as f64)
+        } else {
+            "–".into()
+        };
+        (fmt_num(rss), per)
+    };
+    for d in std::iter::once(&1).chain(scale.iter()) {
+        let sys = format!("scale-{d}");
+        let (rss, per) = per_device("scale", *d);
+        let (b_rss, b_per) = per_device("base-scale", *d);
         let _ = writeln!(
             s,
-            "| {d} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            fmt_num(res.med(sys, "startup_s")),
-            fmt_num(res.med(sys, "rss_idle_no_clients_mb")),
-            fmt_num(res.med(sys, "rss_idle_mb")),
-            fmt_num(res.med(sys, "rss_peak_mb")),
-            fmt_num(res.med(sys, "ingest_per_s")),
-            fmt_num(res.med(sys, "e2e_per_s")),
-            fmt_num(res.med(sys, "lat_p99_ms")),
-            ratio(res.med(sys, "ingest_per_s"), hi)
+            "| {d} | {} | {rss} | {} | {per} | {b_rss} | {b_per} |",
+            fmt_num(res.med(&sys, "startup_s")),
+            fmt_num(res.med(&sys, "rss_idle_mb")),
         );
-    }
-    if let Some((d, sys)) = rows.last() {
-        if *d > plan.sensors {
-            let per = (res.med(sys, "rss_idle_no_clients_mb")
-                - res.med(hub, "rss_idle_no_clients_mb"))
-                * 1024.0
-                / (*d - plan.sensors) as f64;
-            let _ = writeln!(
-                s,
-                "\nmemory per configured device (idle, {} -> {d} devices): {} KB",
-                plan.sensors,
-                fmt_num(per)
-            );
-        }
     }
     let _ = writeln!(s, "\n### Every run (for the spread)\n");
     for (sys, runs) in &res.runs {
@@ -1213,6 +1610,11 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
             "rss_idle_mb",
             "cpu_per_100k",
             "disk_per_event",
+            "rss_idle_no_clients_mb",
+            "home_cpu_ms_per_event",
+            "home_disk_per_event",
+            "home_wakeups_per_event",
+            "home_p99_ms",
         ] {
             let v = res.all(sys, k);
             if v.iter().any(|x| x.is_finite()) {
@@ -1226,8 +1628,8 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
 
 // ------------------------------------------------------------------------------------------
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+pub fn main(argv: Vec<String>) -> Result<()> {
+    let args = Args::parse_from(std::iter::once("modehub-bench compare".to_string()).chain(argv));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1247,15 +1649,11 @@ async fn run(args: Args) -> Result<()> {
         latency_secs: args.latency_secs.unwrap_or(if args.quick { 3 } else { 8 }),
     };
     let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 5 });
-    let scale = args.scale.clone().unwrap_or_else(|| {
-        if args.quick {
-            vec![100]
-        } else {
-            vec![100, 1000]
-        }
-    });
+    let scale = args.scale.clone().unwrap_or_else(|| vec![20, 100, 1000]);
+    let home_secs = args.home_secs.unwrap_or(if args.quick { 60 } else { 300 });
     std::fs::create_dir_all(&args.work)?;
-    for bin in [&args.hub_bin, &args.rumqttd_bin, &args.outbox_bin] {
+    let ceilings = [&args.rumqttd_bin, &args.outbox_bin];
+    for bin in std::iter::once(&args.hub_bin).chain(ceilings.into_iter().flatten()) {
         if !bin.exists() {
             bail!(
                 "{} not found: build it first (benches/compare.sh does)",
@@ -1315,24 +1713,47 @@ async fn run(args: Args) -> Result<()> {
                 }
             }
         }
-        for d in scale.iter().filter(|_| wanted("scale")) {
-            let name = format!("modehub-{d}");
-            match run_modehub(&args, &plan, &args.hub_bin, *d, "modehub").await {
-                Ok(f) => {
-                    eprintln!(
-                        "  {name:<16} startup {:>6} s  idle {:>6} MB  ingest {:>8}/s  e2e {:>8}/s",
-                        fmt_num(f.0.get("startup_s").copied().unwrap_or(f64::NAN)),
-                        fmt_num(
-                            f.0.get("rss_idle_no_clients_mb")
-                                .copied()
-                                .unwrap_or(f64::NAN)
-                        ),
-                        fmt_num(f.0.get("ingest_per_s").copied().unwrap_or(f64::NAN)),
-                        fmt_num(f.0.get("e2e_per_s").copied().unwrap_or(f64::NAN))
-                    );
-                    res.add(&name, f);
+        if wanted("scale") {
+            let mut bins = vec![("scale", &args.hub_bin)];
+            if let Some(b) = &args.baseline {
+                bins.push(("base-scale", b));
+            }
+            for (d, (prefix, bin)) in std::iter::once(&1)
+                .chain(scale.iter())
+                .flat_map(|d| bins.iter().map(move |b| (d, b)))
+            {
+                let name = format!("{prefix}-{d}");
+                match run_scale(&args, &plan, bin, *d).await {
+                    Ok(f) => {
+                        eprintln!(
+                            "  {name:<16} startup {:>6} s  RSS {:>6} MB (no clients), {:>6} MB (sensors)",
+                            fmt_num(f.0.get("startup_s").copied().unwrap_or(f64::NAN)),
+                            fmt_num(f.0.get("rss_idle_no_clients_mb").copied().unwrap_or(f64::NAN)),
+                            fmt_num(f.0.get("rss_idle_mb").copied().unwrap_or(f64::NAN)),
+                        );
+                        res.add(&name, f);
+                    }
+                    Err(e) => eprintln!("  {name}: run failed: {e:#}"),
                 }
-                Err(e) => eprintln!("  {name}: run failed: {e:#}"),
+            }
+        }
+        if wanted("home") {
+            eprintln!("  home profile: {home_secs} s");
+            match run_home(&args, &plan, home_secs).await {
+                Ok(all) => {
+                    for (name, f) in all {
+                        eprintln!(
+                            "  {:<16} CPU {:>6} ms/event  disk {:>7} B/event  wake-ups {:>6}/event  p99 {:>7} ms",
+                            format!("{name}/home"),
+                            fmt_num(f.0.get("home_cpu_ms_per_event").copied().unwrap_or(f64::NAN)),
+                            fmt_num(f.0.get("home_disk_per_event").copied().unwrap_or(f64::NAN)),
+                            fmt_num(f.0.get("home_wakeups_per_event").copied().unwrap_or(f64::NAN)),
+                            fmt_num(f.0.get("home_p99_ms").copied().unwrap_or(f64::NAN)),
+                        );
+                        res.add(&format!("{name}/home"), f);
+                    }
+                }
+                Err(e) => eprintln!("  home profile: run failed: {e:#}"),
             }
         }
     }

@@ -4,19 +4,19 @@
 //! `docs/BENCHMARKS.md`. It acknowledges QoS 1 on receipt and stores nothing on disk.
 //!
 //! ```text
-//! cargo run --release --example rumqttd_alone -- 127.0.0.1:18830 user1:pass1 user2:pass2 ...
+//! target/release/modehub-bench rumqttd-alone 127.0.0.1:18830 user1:pass1 user2:pass2 ...
 //! ```
 //! Runs until killed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-fn main() {
-    let mut args = std::env::args().skip(1);
+pub fn main(args: Vec<String>) {
+    let mut args = args.into_iter();
     let listen: SocketAddr = args
         .next()
         .and_then(|a| a.parse().ok())
-        .expect("usage: rumqttd_alone HOST:PORT [USER:PASS ...]");
+        .expect("usage: modehub-bench rumqttd-alone HOST:PORT [USER:PASS ...]");
     let auth: HashMap<String, String> = args
         .filter_map(|a| {
             a.split_once(':')

@@ -223,8 +223,6 @@ pub struct Hub {
     /// child of it) and runs on `tracker`, which the stop waits for.
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    /// The local broker still takes a `watch` stop switch; set together with `shutdown`.
-    broker_stop: watch::Sender<bool>,
     /// Per slot: the device's uplink (`None` once retired).
     uplinks: Vec<Option<Stoppable>>,
     ports: Vec<RunningPort>,
@@ -303,7 +301,6 @@ impl Hub {
         )?;
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let (broker_stop, broker_stop_rx) = watch::channel(false);
         let (capture_clock, clock_watch) = match opts.clock {
             Some(c) => (c, None),
             None => {
@@ -359,7 +356,8 @@ impl Hub {
             router,
             metrics.clone(),
             local_tx,
-            broker_stop_rx,
+            shutdown.clone(),
+            &tracker,
         )
         .await?;
         let local_addr = broker.local_addr();
@@ -456,7 +454,6 @@ impl Hub {
             clock: clock_watch,
             shutdown,
             tracker,
-            broker_stop,
             uplinks,
             ports,
             uplink_parts,
@@ -627,7 +624,6 @@ impl Hub {
     /// outbox's last commit.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        let _ = self.broker_stop.send(true);
         let stopping: Vec<Stoppable> = self
             .uplinks
             .drain(..)

@@ -38,8 +38,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -234,7 +236,10 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Broke
 }
 
 impl LocalBroker {
-    /// Binds the public port, starts rumqttd behind it, and serves until `shutdown` turns true.
+    /// Binds the public port, starts rumqttd behind it, and serves until `shutdown` is cancelled.
+    /// The accept loop and every connection's task run on `tracker`, so the hub's stop waits
+    /// for them.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         cfg: &LocalMqttConfig,
         max_payload: usize,
@@ -242,7 +247,8 @@ impl LocalBroker {
         router: Router,
         metrics: Arc<Metrics>,
         events: mpsc::Sender<LocalEvent>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
     ) -> Result<LocalBroker, BrokerError> {
         let limits = FrontLimits {
             max_connections: cfg.max_connections,
@@ -265,6 +271,7 @@ impl LocalBroker {
             metrics,
             events,
             shutdown,
+            tracker,
         )
         .await
     }
@@ -280,7 +287,8 @@ impl LocalBroker {
         router: Router,
         metrics: Arc<Metrics>,
         events: mpsc::Sender<LocalEvent>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
     ) -> Result<LocalBroker, BrokerError> {
         let tls = tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(listen)
@@ -322,7 +330,12 @@ impl LocalBroker {
             log_prelogin: LogLimiter::new(5, period),
         });
         let tls_on = front.tls.is_some();
-        tokio::spawn(accept_loop(listener, front.clone(), shutdown));
+        tracker.spawn(accept_loop(
+            listener,
+            front.clone(),
+            shutdown,
+            tracker.clone(),
+        ));
         tracing::info!(%addr, tls = tls_on, "local MQTT broker listening");
         Ok(LocalBroker {
             addr,
@@ -384,7 +397,8 @@ pub struct TableSizes {
 async fn accept_loop(
     listener: TcpListener,
     front: Arc<Front>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 ) {
     let log_accept = LogLimiter::new(5, Duration::from_secs(10));
     loop {
@@ -399,7 +413,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         };
         let (slot, kicked) = match front.slots.admit(peer.ip(), &front.metrics.front) {
             Ok(x) => x,
@@ -413,15 +427,15 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let front = front.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
             tokio::select! {
                 r = front.serve(stream, peer, slot, kicked) => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %guard::clean(&e, 300), "local connection ended");
                     }
                 }
-                _ = shutdown.changed() => {}
+                _ = shutdown.cancelled() => {}
             }
         });
     }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 struct TestFront {
     broker: LocalBroker,
-    _shutdown: watch::Sender<bool>,
+    _shutdown: tokio_util::sync::DropGuard,
 }
 
 async fn start(dir: &Path, tls: Option<TlsFiles>) -> TestFront {
@@ -28,7 +28,7 @@ async fn start(dir: &Path, tls: Option<TlsFiles>) -> TestFront {
         let router = Router::new(shared.clone(), outbox, metrics.clone(), 65536, clock);
         let (events, mut rx) = mpsc::channel(1024);
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
         let broker = LocalBroker::start_with(
             "127.0.0.1:0".parse().unwrap(),
             FrontLimits::default(),
@@ -38,13 +38,14 @@ async fn start(dir: &Path, tls: Option<TlsFiles>) -> TestFront {
             router,
             metrics,
             events,
-            shutdown_rx,
+            shutdown.clone(),
+            &TaskTracker::new(),
         )
         .await
         .unwrap();
         TestFront {
             broker,
-            _shutdown: shutdown,
+            _shutdown: shutdown.drop_guard(),
         }
     }
 }

@@ -53,6 +53,13 @@ enum Cmd {
     Emulator(modehub::emulator::EmulatorArgs),
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
     Demo(modehub::demo::DemoArgs),
+    /// Print the man page (roff), generated from these definitions (the .deb build uses it).
+    #[command(hide = true)]
+    Man {
+        /// Write modehub.1 and one page per subcommand (modehub-run.1, ...) into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Changes the log filter of a running hub (SIGHUP with a new `[hub] log`).
@@ -153,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { config } => return check_config(&config),
         Cmd::Status { json, ops, config } => return status(json, ops, config),
         Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
+        Cmd::Man { out_dir } => return man_page(out_dir),
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -174,6 +182,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn man_page(out_dir: Option<PathBuf>) -> ExitCode {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let written = match out_dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man page: {e}");
             ExitCode::FAILURE
         }
     }

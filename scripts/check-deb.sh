@@ -82,14 +82,15 @@ printf 'project_id = 1\n[[home]]\nid = 42\n[[device]]\nid = 100\napi_key = "v1.d
 /usr/bin/modehub emulator --seed "$work/seed.toml" --http "127.0.0.1:$http" --mqtt "127.0.0.1:$mqtt" > "$work/emulator.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http/_emulator/stats" >/dev/null && break; sleep 0.1; done
-# Point the installed config at the emulator and add one device (key in a 0600 key file).
+# Point the installed config at the emulator and add one device with `modehub device add`.
 sed -i -e "s#^listen = \"127.0.0.1:1883\"#listen = \"127.0.0.1:$local\"#" \
        -e "s#^api_url .*#api_url = \"http://127.0.0.1:$http\"#" \
        -e "s#^mqtt_url .*#mqtt_url = \"mqtt://127.0.0.1:$mqtt\"#" /etc/modehub/config.toml
 printf '\n[ops]\nlisten = "127.0.0.1:%d"\n' "$ops" >> /etc/modehub/config.toml
-printf 'v1.deb-check-key' > /etc/modehub/keys/dev0
-chown modehub:modehub /etc/modehub/keys/dev0; chmod 0600 /etc/modehub/keys/dev0
-printf '\n[[device]]\nname = "dev0"\nmode_id = 100\nhome_id = 42\napi_key_file = "/etc/modehub/keys/dev0"\nlocal_password = "pw0"\n' >> /etc/modehub/config.toml
+printf 'v1.deb-check-key\npw0\n' | /usr/bin/modehub device add dev0 --mode-id 100 --home-id 42 --local-password \
+  || fail "modehub device add failed"
+perm /etc/modehub/keys/dev0 "600 modehub:modehub"
+perm /etc/modehub/config.toml "640 root:modehub"
 runuser -u modehub -- /usr/bin/modehub check-config --config /etc/modehub/config.toml || fail "check-config (as modehub) failed"
 # setpriv execs the hub itself (runuser would stay in between and turn SIGTERM into a kill).
 # umask 077 as the unit's UMask=0077.

@@ -12,6 +12,7 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod device_cli;
 pub mod downlink;
 #[cfg(not(modehub_no_emulator))]
 pub mod emulator;

@@ -53,6 +53,8 @@ enum Cmd {
     Emulator(modehub::emulator::EmulatorArgs),
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
     Demo(modehub::demo::DemoArgs),
+    /// List, add or remove devices and set local passwords, editing the config in place.
+    Device(modehub::device_cli::DeviceArgs),
     /// Print the man page (roff), generated from these definitions (the .deb build uses it).
     #[command(hide = true)]
     Man {
@@ -161,6 +163,7 @@ fn main() -> ExitCode {
         Cmd::Status { json, ops, config } => return status(json, ops, config),
         Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
         Cmd::Man { out_dir } => return man_page(out_dir),
+        Cmd::Device(args) => return device(&args),
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -183,6 +186,21 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn device(args: &modehub::device_cli::DeviceArgs) -> ExitCode {
+    match modehub::device_cli::run(args, &mut std::io::stdin().lock()) {
+        Ok(out) => {
+            for l in out.lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod device_cli;
+pub mod doctor;
 pub mod downlink;
 #[cfg(not(modehub_no_emulator))]
 pub mod emulator;

@@ -53,6 +53,16 @@ enum Cmd {
     Emulator(modehub::emulator::EmulatorArgs),
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
     Demo(modehub::demo::DemoArgs),
+    /// Check the setup (config, disk, clock, MODE reachable, keys, homes, serial ports, local
+    /// port) and say how to fix each problem. Exit code 1 when a check fails.
+    Doctor {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/modehub/config.toml")]
+        config: PathBuf,
+        /// Print the checklist as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// List, add or remove devices and set local passwords, editing the config in place.
     Device(modehub::device_cli::DeviceArgs),
     /// Print the man page (roff), generated from these definitions (the .deb build uses it).
@@ -164,6 +174,22 @@ fn main() -> ExitCode {
         Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
         Cmd::Man { out_dir } => return man_page(out_dir),
         Cmd::Device(args) => return device(&args),
+        Cmd::Doctor { config, json } => {
+            let report = rt.block_on(modehub::doctor::run(&config, &Default::default()));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            return if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,

@@ -14,7 +14,7 @@
 //! an in-process link. This module must not validate payloads (the router does) or know MODE.
 
 use crate::config::LocalMqttConfig;
-use crate::downlink::{next_conn_id, LocalEvent};
+use crate::local::{next_conn_id, LocalEvent};
 use crate::metrics::{Metrics, RejectReason};
 use crate::registry::{DeviceId, Registry, SharedRegistry, TopicKind};
 use crate::router::Router;

@@ -8,52 +8,19 @@
 //! MODE is unreachable. It must not talk to MODE or parse event payloads.
 
 use crate::broker::LocalBroker;
+pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
+use crate::local::{DeviceId, KvChange, TopicKind};
 use crate::metrics::Metrics;
-use crate::outbox::{KvChange, Outbox};
-use crate::registry::{DeviceId, SharedRegistry, TopicKind};
+use crate::outbox::Outbox;
+use crate::registry::SharedRegistry;
+use crate::timing::now_ms;
 use crate::uplink::Downstream;
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-
-/// Identifies one local connection (an MQTT client or an open serial port).
-pub type ConnId = u64;
-
-static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
-
-/// A new, unique connection id.
-pub fn next_conn_id() -> ConnId {
-    NEXT_CONN.fetch_add(1, Relaxed)
-}
-
-/// What adapters tell the downlink about local devices.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LocalEvent {
-    Connected(DeviceId, ConnId),
-    Disconnected(DeviceId, ConnId),
-    /// The connection's subscription to the device's command or kv topic is active.
-    Subscribed(DeviceId, ConnId, TopicKind),
-}
-
-/// What goes down to a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DownKind {
-    /// `{"action": ..., "parameters": {...}}`, MODE's JSON unchanged.
-    Command,
-    /// A DDP message `{"action":"reload"|"set"|"delete", "rev": ..., ...}` (MODE's JSON).
-    Kv,
-}
-
-/// A message for one device, handed to the adapter that owns it.
-#[derive(Debug, Clone)]
-pub struct DownMsg {
-    pub dev: DeviceId,
-    pub kind: DownKind,
-    pub payload: Bytes,
-}
 
 /// Where a device's downstream messages go.
 #[derive(Clone)]
@@ -95,13 +62,6 @@ impl Presence {
 
 /// How often expired commands are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 pub struct Downlink {
     pub registry: Arc<SharedRegistry>,

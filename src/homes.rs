@@ -16,10 +16,10 @@
 
 use crate::config::Secret;
 use crate::mode::homes::HomeError;
-use crate::Hub;
+use crate::timing::now_ms;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 /// What the hub knows about a home.
@@ -95,13 +95,6 @@ pub struct Homes {
     /// what MODE acknowledged since is suspect.
     active_asked: Mutex<HashMap<u64, std::time::Instant>>,
     poke: Notify,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Homes {
@@ -327,33 +320,6 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
-    }
-}
-
-impl Hub {
-    /// Every configured home: last known state, since when, whether the last read failed.
-    pub fn home_states(&self) -> Vec<HomeStatus> {
-        self.homes().statuses()
-    }
-
-    /// [`Hub::home_states`] with how much each home's devices have waiting in the outbox.
-    pub async fn home_status(&self) -> Vec<HomeReport> {
-        let depth = self.outbox().depth().await.unwrap_or_default();
-        self.home_states()
-            .into_iter()
-            .map(|status| {
-                let (rows, bytes) = status
-                    .devices
-                    .iter()
-                    .filter_map(|d| depth.get(d))
-                    .fold((0, 0), |(r, b), d| (r + d.rows, b + d.bytes));
-                HomeReport {
-                    status,
-                    pending_rows: rows,
-                    pending_bytes: bytes,
-                }
-            })
-            .collect()
     }
 }
 

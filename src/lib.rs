@@ -5,27 +5,32 @@
 //! MODE -> [`uplink`] sessions -> [`downlink`] -> adapters. [`Hub::start`] wires the parts for a
 //! validated [`config::Config`] and returns a handle; [`Hub::reload`] puts a new device table
 //! and serial port list in force (SIGHUP) and [`Hub::shutdown`] stops it.
-//! MODE's wire format lives in [`mode`], SQL in [`outbox`], and the cloud stand-in used by tests,
-//! benchmarks and the demo in [`emulator`].
+//! MODE's wire format lives in [`mode`], SQL in [`outbox`], the messages that cross layers in
+//! [`local`], and the cloud stand-in used by tests, benchmarks and the demo in `emulator` (Cargo
+//! feature `emulator`, on by default).
 
 pub mod broker;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "emulator")]
 pub mod demo;
 pub mod device_cli;
 pub mod doctor;
 pub mod downlink;
-#[cfg(not(modehub_no_emulator))]
+#[cfg(feature = "emulator")]
 pub mod emulator;
 pub mod homes;
+pub mod local;
 pub mod metrics;
 pub mod mode;
 pub mod ops;
 pub mod outbox;
 pub mod pacing;
+pub mod presence;
 pub mod registry;
 pub mod router;
 pub mod serial;
+pub mod timing;
 pub mod uplink;
 
 use crate::config::{Config, SerialConfig};
@@ -216,7 +221,7 @@ pub struct Hub {
     serial_parts: SerialParts,
     outbox_thread: Option<std::thread::JoinHandle<()>>,
     /// Which devices are connected locally, and since when the hub runs (read by `ops`).
-    presence: Arc<ops::Presence>,
+    presence: Arc<presence::Presence>,
     started: std::time::Instant,
 }
 
@@ -306,7 +311,7 @@ impl Hub {
         .with_max_key_len(cfg.hub.kv_max_key_len);
         let (local_tx, local_rx) = mpsc::channel(1024);
         // ops watches local presence on its way to the downlink (status: "local connected?").
-        let presence = Arc::new(ops::Presence::new(registry.len()));
+        let presence = Arc::new(presence::Presence::new(registry.len()));
         let local_rx = presence.clone().tap(local_rx);
         // Serial ports: one task per [[serial]] table, each with a bounded write queue that the
         // downlink fills without waiting.

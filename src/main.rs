@@ -50,8 +50,10 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Run the MODE cloud emulator on its own (for tests and trying things out).
+    #[cfg(feature = "emulator")]
     Emulator(modehub::emulator::EmulatorArgs),
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
+    #[cfg(feature = "emulator")]
     Demo(modehub::demo::DemoArgs),
     /// Check the setup (config, disk, clock, MODE reachable, keys, homes, serial ports, local
     /// port) and say how to fix each problem. Exit code 1 when a check fails.
@@ -198,10 +200,12 @@ fn main() -> ExitCode {
             let reload_log = init_logging(&cfg.hub.log);
             rt.block_on(run(cfg, config, reload_log))
         }
+        #[cfg(feature = "emulator")]
         Cmd::Emulator(args) => {
             let _ = init_logging("info");
             rt.block_on(modehub::emulator::run_cli(args))
         }
+        #[cfg(feature = "emulator")]
         Cmd::Demo(args) => {
             let _ = init_logging("warn");
             rt.block_on(modehub::demo::run(args))

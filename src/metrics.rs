@@ -72,7 +72,7 @@ pub struct Metrics {
     /// Commands received from MODE and delivered down.
     pub commands_received: AtomicU64,
     /// Serial adapters' counters (all ports).
-    pub serial: crate::serial::SerialStats,
+    pub serial: SerialStats,
     /// The way down (commands and DDP from MODE to local devices).
     pub down: DownStats,
 }
@@ -107,5 +107,56 @@ impl Metrics {
     }
     pub fn rejected_total(&self) -> u64 {
         self.rejected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+/// Serial counters, hub-wide (all ports). Rendered by ops as `modehub_serial_*`; the serial
+/// adapter counts into it.
+#[derive(Debug, Default)]
+pub struct SerialStats {
+    /// Lines the router accepted (events and kv changes).
+    pub lines_ok: AtomicU64,
+    /// Lines dropped, by reason.
+    pub bad_utf8: AtomicU64,
+    pub too_long: AtomicU64,
+    pub bad_checksum: AtomicU64,
+    pub missing_checksum: AtomicU64,
+    pub parse_error: AtomicU64,
+    pub unknown_device: AtomicU64,
+    /// Refused by the router (counted there too, by its reason).
+    pub rejected: AtomicU64,
+    /// Resends of a number already committed or in flight (answered, not stored again).
+    pub duplicate: AtomicU64,
+    /// Lines or acks dropped because a port's write queue was full (a sensor not reading).
+    pub write_queue_full: AtomicU64,
+    /// Downlink messages that could not be turned into lines.
+    pub down_bad_payload: AtomicU64,
+    /// Downlink messages dequeued but not written because the port was lost.
+    pub write_failed: AtomicU64,
+    /// Lines written to ports (acks, commands, DDP).
+    pub lines_written: AtomicU64,
+    pub acks_ok: AtomicU64,
+    pub acks_err: AtomicU64,
+    pub port_opens: AtomicU64,
+    pub port_open_failures: AtomicU64,
+    pub port_lost: AtomicU64,
+    /// Ports open right now.
+    pub ports_open: AtomicU64,
+}
+
+impl SerialStats {
+    /// `(reason, count)` of every dropped-line reason, for rendering.
+    pub fn dropped(&self) -> [(&'static str, u64); 9] {
+        [
+            ("bad_utf8", self.bad_utf8.load(Relaxed)),
+            ("too_long", self.too_long.load(Relaxed)),
+            ("bad_checksum", self.bad_checksum.load(Relaxed)),
+            ("missing_checksum", self.missing_checksum.load(Relaxed)),
+            ("parse_error", self.parse_error.load(Relaxed)),
+            ("unknown_device", self.unknown_device.load(Relaxed)),
+            ("rejected", self.rejected.load(Relaxed)),
+            ("duplicate", self.duplicate.load(Relaxed)),
+            ("write_queue_full", self.write_queue_full.load(Relaxed)),
+        ]
     }
 }

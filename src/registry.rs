@@ -13,8 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
-/// Index of a device slot in the registry. Stable across reloads: a slot is never reused.
-pub type DeviceId = usize;
+pub use crate::local::{DeviceId, TopicKind};
 
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -26,16 +25,6 @@ pub struct Device {
     pub local_password: Option<Secret>,
     /// `mode_id` as text, for topic matching without allocating.
     pub mode_id_str: String,
-}
-
-/// What a topic under `/devices/{x}/...` is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TopicKind {
-    Event,
-    Kv,
-    Command,
-    /// Any other sub-topic of the device's own namespace.
-    Other,
 }
 
 impl Device {

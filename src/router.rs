@@ -7,7 +7,8 @@
 //! affects other devices. The router must not speak SQL, MQTT or MODE's wire format.
 
 use crate::metrics::{Metrics, RejectReason};
-use crate::outbox::{Capture, CommitWaiter, Kind, NewRecord, Outbox};
+pub use crate::outbox::CommitWaiter;
+use crate::outbox::{Capture, Kind, NewRecord, Outbox};
 use crate::registry::{DeviceId, SharedRegistry};
 use serde::Deserialize;
 use serde_json::value::RawValue;

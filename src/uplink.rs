@@ -25,7 +25,8 @@ use crate::mode::{Session, SessionConfig, SessionEvent};
 use crate::outbox::{Outbox, Row};
 use crate::pacing::{Class, DevicePaceStatus, DevicePacer, Pacer};
 use crate::registry::{Device, DeviceId};
-use crate::Hub;
+use crate::timing::now_ms;
+pub use crate::timing::Backoff;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -56,37 +57,6 @@ pub enum SessionState {
     Down(String),
     /// MODE refused the credentials.
     Refused(String),
-}
-
-/// Backoff: exponential from `base` to `cap` with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-    /// The next delay: uniform in [ceiling/2, ceiling], ceiling = min(cap, base * 2^attempt).
-    /// (Half-jitter keeps a floor so a fleet of devices cannot hammer MODE, while still
-    /// spreading 100 devices' reconnects over the interval.)
-    pub fn next_delay(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
-        let ceiling = exp.min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        half + ceiling.mul_f64(fastrand::f64()) / 2
-    }
 }
 
 /// Why a device is not sending right now, for status.
@@ -139,13 +109,6 @@ pub struct DeviceBacklog {
     pub hold: Option<Hold>,
     /// Estimated time to drain at the expected rate; `None` while held or when nothing moves.
     pub eta: Option<Duration>,
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Most acknowledged rows remembered per device (see `DeviceUplink::retain_acked`).
@@ -212,7 +175,7 @@ impl DeviceUplink {
             _ => None,
         };
         if let Some(e) = error {
-            *self.status.last_error.lock().expect("status lock") = Some((e, unix_ms()));
+            *self.status.last_error.lock().expect("status lock") = Some((e, now_ms()));
         }
         self.state.send_replace(s);
     }
@@ -498,74 +461,10 @@ impl DeviceUplink {
         } else {
             refused_until.map(|t| Hold::Refused {
                 reason: "MODE refused a message".into(),
-                retry_at_ms: unix_ms()
+                retry_at_ms: now_ms()
                     + t.saturating_duration_since(Instant::now()).as_millis() as i64,
             })
         };
         self.status.set_hold(hold);
-    }
-}
-
-impl Hub {
-    /// Each device's backlog, allowed rate and estimated time to drain, in registry order.
-    pub async fn backlog(&self) -> Vec<DeviceBacklog> {
-        let depth = self.outbox().depth().await.unwrap_or_default();
-        let pacer = self.pacer();
-        let replaying = pacer.stats().devices_replaying.load(Relaxed);
-        self.uplink_status()
-            .iter()
-            .map(|u| {
-                let d = depth.get(&u.mode_id).cloned().unwrap_or_default();
-                let hold = u.hold();
-                let rate = u.pace.rate_per_minute();
-                // Expected: what the device may send, within its fair share of the hub's budget
-                // while others replay too; what it actually delivered if that is known.
-                let expected = rate.min(pacer.fair_share_per_minute(replaying.max(1)));
-                let seen = u.pace.drain_per_minute();
-                let per_minute = if seen > 0.0 { seen.min(rate) } else { expected };
-                DeviceBacklog {
-                    name: u.name.clone(),
-                    mode_id: u.mode_id,
-                    rows: d.rows,
-                    bytes: d.bytes,
-                    oldest_ms: d.oldest_ms,
-                    rate_per_minute: rate,
-                    drain_per_minute: seen,
-                    replaying: u.pace.replaying(),
-                    eta: if hold.is_some() {
-                        None
-                    } else {
-                        crate::pacing::eta(d.rows, per_minute)
-                    },
-                    hold,
-                }
-            })
-            .collect()
-    }
-
-    /// Hub-wide pacing counters (429s, burst drops, AIMD decreases, devices replaying).
-    pub fn pacing_stats(&self) -> &crate::pacing::PacingStats {
-        self.pacer().stats()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_jitters_and_caps() {
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
-        for _ in 0..20 {
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(60));
-        }
-        let late: Vec<_> = (0..50).map(|_| b.next_delay()).collect();
-        assert!(late.iter().all(|d| *d >= Duration::from_secs(30)));
-        assert!(late.iter().any(|d| *d != late[0]), "jittered");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(500));
     }
 }

@@ -11,7 +11,7 @@ pub mod mqtt;
 pub mod rest;
 
 use crate::config::{MqttEndpoint, Secret, Transport};
-use crate::outbox::{Kind, KvChange, KvSnapshot, Row};
+use crate::local::{Kind, KvChange, KvSnapshot, Row};
 use bytes::Bytes;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -348,7 +348,7 @@ mod tests {
             key: key.into(),
             body: body.into(),
             dev_seq: 7,
-            captured: crate::outbox::Capture::at(1_700_000_000_123),
+            captured: crate::local::Capture::at(1_700_000_000_123),
         }
     }
 

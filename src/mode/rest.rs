@@ -12,7 +12,7 @@
 
 use super::{ConnectError, SessionConfig, SessionEvent, Stamping};
 use crate::config::Secret;
-use crate::outbox::{Kind, Row};
+use crate::local::{Kind, Row};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::VecDeque;
@@ -406,7 +406,7 @@ mod tests {
         )
         .unwrap();
         match super::super::parse_kv(&r).unwrap() {
-            crate::outbox::KvChange::Reload { rev, items } => {
+            crate::local::KvChange::Reload { rev, items } => {
                 assert_eq!(rev, None);
                 assert_eq!(
                     items,

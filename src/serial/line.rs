@@ -8,7 +8,7 @@
 //! one line into one value and back.
 
 use crate::config::LineFormat;
-use crate::downlink::DownKind;
+use crate::local::DownKind;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::Value;

@@ -73,7 +73,7 @@ pub fn device_table(i: usize, password: &str) -> String {
 }
 
 /// `[cloud]` lines that raise the hub's pacing out of the way, for tests about something else
-/// (pacing itself is tested in tests/store_forward.rs).
+/// (pacing itself is tested in tests/it/store_forward.rs).
 pub const NO_PACING: &str =
     "max_messages_per_minute = 1000000\nmax_project_messages_per_minute = 1000000\n";
 

@@ -1,9 +1,7 @@
 //! Operations: the systemd notify protocol (real binary, fake NOTIFY_SOCKET), signals,
 //! /healthz, /metrics (parsed with a Prometheus text parser) and `modehub status`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use modehub::config::Config;
 use modehub::ops::status::http_get;
 use modehub::Hub;

@@ -7,7 +7,7 @@
 //!
 //! The random seed is fixed so that CI runs the same cases every time (a new finding should
 //! come from a fuzzing run, not fail an unrelated change); explore new cases with
-//! `PROPTEST_RNG_SEED=$RANDOM PROPTEST_CASES=200000 cargo test --release --test serial_line_props`.
+//! `PROPTEST_RNG_SEED=$RANDOM PROPTEST_CASES=200000 cargo test --release --test it serial_line_props::`.
 //! Found failures are kept in `serial_line_props.proptest-regressions` and always replayed.
 
 use modehub::config::LineFormat;

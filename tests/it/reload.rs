@@ -1,13 +1,11 @@
 //! Reloading the device table and serial ports in a running hub (what SIGHUP does; the
-//! signal itself is tested on the real binary in tests/ops.rs): unchanged devices keep their
+//! signal itself is tested on the real binary in tests/it/ops.rs): unchanged devices keep their
 //! upstream sessions and local connections, removed devices are shut out, changed devices
 //! start again under their new settings, new devices work at once, and only serial ports whose
 //! settings or devices changed are reopened.
 
-mod common;
-
-use common::pty::Pty;
-use common::*;
+use crate::common::pty::Pty;
+use crate::common::*;
 use modehub::config::Config;
 use modehub::Hub;
 use std::path::Path;

@@ -1,9 +1,7 @@
 //! The way down (issue 3): commands and the Device Data Proxy between MODE, the hub and local
 //! sensors, over both cloud transports (device MQTT, and REST + command WebSocket).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use modehub::config::Config;
 use modehub::emulator::Emulator;
 use modehub::Hub;
@@ -402,7 +400,7 @@ async fn malformed_ddp_from_the_cloud_is_counted_and_ignored() {
 }
 
 /// Command latency, cloud publish -> local subscriber. Run with
-/// `cargo test --release --test downlink -- --ignored --nocapture command_latency`.
+/// `cargo test --release --test it -- --ignored --nocapture downlink::command_latency`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn command_latency() {

@@ -6,11 +6,9 @@
 //! messages and watch presence events directly. These tests must not sleep to "let things
 //! settle" where a condition can be awaited instead.
 
-mod common;
-
+use crate::common::pty::Pty;
+use crate::common::*;
 use bytes::Bytes;
-use common::pty::Pty;
-use common::*;
 use modehub::config::{Config, SerialConfig};
 use modehub::downlink::{DownKind, DownMsg, LocalEvent};
 use modehub::metrics::Metrics;
@@ -702,7 +700,7 @@ async fn a_sensor_that_never_reads_does_not_stall_other_devices() {
 /// Lines per second through one port: numbered compact lines of ~40 bytes, each answered
 /// `OK n` only after its commit, (1) at full pty speed and (2) paced at 115200 baud (11,520
 /// bytes/s), and unnumbered lines at full speed. Run with
-/// `cargo test --release --test serial -- --ignored --nocapture throughput`.
+/// `cargo test --release --test it -- --ignored --nocapture serial::throughput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn throughput_one_port() {

@@ -3,9 +3,7 @@
 //! REST 5xx / 429, the per-device rate limit, a full outbox, the free-disk watermark, and the
 //! capture clock.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use modehub::config::Config;
 use modehub::emulator::Faults;
 use modehub::homes::HomeState;
@@ -461,7 +459,7 @@ async fn pacing_keeps_a_backlog_under_the_rate_limit_without_a_dropped_session()
 }
 
 /// The same with the real defaults (540 a minute against MODE's 600) for 700 messages per
-/// device: about 80 s, so not in CI. `cargo test --test store_forward -- --ignored`.
+/// device: about 80 s, so not in CI. `cargo test --test it -- --ignored store_forward::`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn default_pacing_against_modes_600_a_minute() {

@@ -1,8 +1,6 @@
 //! End-to-end: sensor (rumqttc) -> hub's local broker -> outbox -> MODE emulator over MQTT.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use modehub::metrics::RejectReason;
 use modehub::Hub;
 use rumqttc::{ConnectReturnCode, ConnectionError, SubscribeReasonCode};
@@ -234,7 +232,7 @@ async fn malformed_payloads_are_counted_and_dropped_while_good_ones_pass() {
 async fn events_published_while_cloud_is_down_arrive_in_order_after() {
     let emu = emulator(2).await;
     let dir = tempfile::tempdir().unwrap();
-    // Pacing raised out of the way (replay pacing is tested in tests/store_forward.rs).
+    // Pacing raised out of the way (replay pacing is tested in tests/it/store_forward.rs).
     let hub = Hub::start(unpaced_hub_config(&emu, dir.path(), 2))
         .await
         .unwrap();
@@ -283,7 +281,7 @@ async fn a_restarted_hub_delivers_what_it_had_not_sent() {
 
 /// Events/s through the whole path (local publish -> outbox -> emulator), 1 and 20 devices,
 /// pacing raised out of the way. Run with
-/// `cargo test --release --test hub -- --ignored --nocapture throughput`.
+/// `cargo test --release --test it -- --ignored --nocapture hub::throughput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn throughput_end_to_end() {

@@ -1,0 +1,19 @@
+//! The integration tests, as one binary (one link of the crate instead of one per file): each
+//! module is one area of the hub, tested through its public API, stock clients and real sockets
+//! or ptys. Tests that must run alone (`crash`, `soak`: the hub binary under SIGKILL, long runs;
+//! `replay_bench`: measurements) stay separate binaries.
+//!
+//! Run one area: `cargo test --test it serial::` (module path filter).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod downlink;
+mod emulator;
+mod hub;
+mod layout;
+mod ops;
+mod reload;
+mod serial;
+mod serial_line_props;
+mod store_forward;

@@ -260,14 +260,16 @@ fn data_dir(cfg: &Config, user: Option<&ServiceUser>) -> Check {
                 "point [hub] data_dir at a directory (the package uses /var/lib/modehub)",
             )
         }
-        Err(e) => return Check::fail(
-            id,
-            format!("{}: {e}", dir.display()),
-            format!(
+        Err(e) => {
+            return Check::fail(
+                id,
+                format!("{}: {e}", dir.display()),
+                format!(
                 "create it for the hub's user: sudo install -d -m 0700 -o modehub -g modehub {}",
                 dir.display()
             ),
-        ),
+            )
+        }
     };
     if let Err(e) = tempfile::tempfile_in(dir) {
         return Check::fail(

@@ -8,6 +8,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod device_cli;
+mod doctor;
 mod downlink;
 mod emulator;
 mod hub;

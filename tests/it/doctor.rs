@@ -2,9 +2,7 @@
 //! data dir, clock, MODE offline, DNS, TLS, a refused key, a deactivated home, a refused
 //! project key, a missing serial port, a taken local port) is reported with a fix.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use modehub::doctor::{self, Options, Report, Status};
 use std::path::{Path, PathBuf};
 

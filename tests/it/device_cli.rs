@@ -2,9 +2,7 @@
 //! (round trip), refuses bad edits without writing anything, and a running hub picks up an
 //! added device through the SIGHUP the command sends.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -29,7 +29,7 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/status.json", get(status))
-        .route("/", get(index))
+        .merge(super::page::routes())
         .with_state(ctx);
     let task = tokio::spawn(async move {
         let stop = async move {
@@ -48,10 +48,6 @@ pub async fn serve(
     });
     tracing::info!(addr = %bound, "ops endpoint listening (/healthz, /metrics, /status.json)");
     Ok((bound, task))
-}
-
-async fn index() -> &'static str {
-    "modehub ops endpoint: /healthz /metrics /status.json\n"
 }
 
 async fn healthz(State(ctx): State<Arc<OpsContext>>) -> Response {

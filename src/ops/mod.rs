@@ -13,6 +13,7 @@
 
 pub mod http;
 pub mod notify;
+pub mod page;
 pub mod prom;
 mod readouts;
 pub mod status;

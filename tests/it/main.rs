@@ -15,6 +15,7 @@ mod emulator;
 mod hub;
 mod layout;
 mod ops;
+mod page;
 mod reload;
 mod serial;
 mod serial_line_props;

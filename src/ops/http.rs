@@ -1,7 +1,8 @@
 //! The local ops endpoint: `/healthz`, `/metrics`, `/status.json` (axum).
 //!
-//! It binds where `[ops] listen` says (loopback by default: it has no authentication, and
-//! shows device names and MODE ids, never keys).
+//! It binds where `[ops] listen` says: loopback by default. Elsewhere the config demands
+//! `[ops] password_file`, and clients not on this machine must send it (`auth`). It shows
+//! device names and MODE ids, never keys. `/` is the homeowner's page (`page`).
 
 use super::OpsContext;
 use axum::extract::State;
@@ -17,6 +18,7 @@ use tokio::sync::watch;
 pub async fn serve(
     ctx: Arc<OpsContext>,
     addr: SocketAddr,
+    password: Option<crate::config::Secret>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -31,6 +33,13 @@ pub async fn serve(
         .route("/status.json", get(status))
         .merge(super::page::routes())
         .with_state(ctx);
+    // Off loopback, a password ([ops] password_file; config validation demands one there).
+    let app = match password {
+        Some(p) => app.layer(axum::middleware::from_fn(move |req, next| {
+            super::auth::require_password(p.clone(), req, next)
+        })),
+        None => app,
+    };
     let task = tokio::spawn(async move {
         let stop = async move {
             while !*shutdown.borrow() {
@@ -39,6 +48,7 @@ pub async fn serve(
                 }
             }
         };
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)
             .await

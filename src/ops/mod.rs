@@ -11,6 +11,7 @@
 //! view is an [`OpsContext`], built by [`crate::Hub::ops_context`]. Its background tasks end when
 //! the hub shuts down, so they never keep the outbox open. Nothing here prints a secret.
 
+mod auth;
 pub mod http;
 pub mod notify;
 pub mod page;
@@ -105,7 +106,13 @@ impl Hub {
         let Some(addr) = cfg.ops.listen_addr() else {
             return Ok(None);
         };
-        let (bound, task) = http::serve(ctx, addr, self.shutdown.subscribe()).await?;
+        let (bound, task) = http::serve(
+            ctx,
+            addr,
+            cfg.ops.password.clone(),
+            self.shutdown.subscribe(),
+        )
+        .await?;
         self.tasks.push(task);
         Ok(Some(bound))
     }

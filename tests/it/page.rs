@@ -180,3 +180,99 @@ async fn the_page_shows_two_devices_and_one_going_offline() {
     drop(s0);
     hub.shutdown().await;
 }
+
+/// A non-loopback address of this machine (the one it would route outwards from), if any.
+fn lan_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("10.255.255.255:9").ok()?; // no packet is sent
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// GET `/status.json` from `addr`, optionally with Basic credentials; the status code.
+fn get_status(addr: std::net::SocketAddr, basic: Option<&str>) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = basic
+        .map(|b| format!("Authorization: Basic {b}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /status.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_loopback_the_ops_endpoint_needs_its_password() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base = hub_config_text(&emu, dir.path(), 1, "");
+
+    // Listening on the LAN without a password is a config error.
+    let e = Config::parse(
+        &format!("{base}[ops]\nlisten = \"0.0.0.0:9464\"\n"),
+        dir.path(),
+    )
+    .unwrap_err();
+    assert!(
+        e.iter()
+            .any(|p| p.key == "ops.listen" && p.fix.contains("password_file")),
+        "{e:?}"
+    );
+
+    let pw = dir.path().join("ops.password");
+    std::fs::write(&pw, "open sesame").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = Config::parse(
+        &format!(
+            "{base}[ops]\nlisten = \"0.0.0.0:0\"\npassword_file = \"{}\"\n",
+            pw.display()
+        ),
+        dir.path(),
+    )
+    .unwrap();
+    assert!(
+        !format!("{cfg:?}").contains("open sesame"),
+        "password in Debug"
+    );
+    let mut hub = Hub::start(cfg.clone()).await.unwrap();
+    let ctx = hub.ops_context(&cfg);
+    let port = hub
+        .start_ops_server(ctx, &cfg)
+        .await
+        .unwrap()
+        .unwrap()
+        .port();
+
+    let results = tokio::task::spawn_blocking(move || {
+        let local = get_status(([127, 0, 0, 1], port).into(), None);
+        let lan = lan_ip().map(|ip| {
+            let addr = std::net::SocketAddr::new(ip, port);
+            (
+                get_status(addr, None),
+                // "modehub:wrong", "anyone:open sesame"
+                get_status(addr, Some("bW9kZWh1Yjp3cm9uZw==")),
+                get_status(addr, Some("YW55b25lOm9wZW4gc2VzYW1l")),
+            )
+        });
+        (local, lan)
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.0, 200, "loopback needs no password");
+    match results.1 {
+        Some((none, wrong, right)) => {
+            assert_eq!(none, 401, "no credentials");
+            assert_eq!(wrong, 401, "wrong password");
+            assert_eq!(right, 200, "right password, any user");
+        }
+        None => eprintln!("no non-loopback address here: LAN half skipped"),
+    }
+    hub.shutdown().await;
+}

@@ -85,19 +85,23 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$http/_emulator/stats" >/dev/
 # Point the installed config at the emulator and add one device with `modehub device add`.
 sed -i -e "s#^listen = \"127.0.0.1:1883\"#listen = \"127.0.0.1:$local\"#" \
        -e "s#^api_url .*#api_url = \"http://127.0.0.1:$http\"#" \
-       -e "s#^mqtt_url .*#mqtt_url = \"mqtt://127.0.0.1:$mqtt\"#" /etc/modehub/config.toml
-printf '\n[ops]\nlisten = "127.0.0.1:%d"\n' "$ops" >> /etc/modehub/config.toml
+       -e "s#^mqtt_url .*#mqtt_url = \"mqtt://127.0.0.1:$mqtt\"#" \
+       -e "s#^listen = \"127.0.0.1:9464\"#listen = \"127.0.0.1:$ops\"#" /etc/modehub/config.toml
+grep -q "^listen = \"127.0.0.1:$ops\"" /etc/modehub/config.toml || fail "the starter config has no [ops] listen to point elsewhere"
 printf 'v1.deb-check-key\npw0\n' | /usr/bin/modehub device add dev0 --mode-id 100 --home-id 42 --local-password \
   || fail "modehub device add failed"
 perm /etc/modehub/keys/dev0 "600 modehub:modehub"
 perm /etc/modehub/config.toml "640 root:modehub"
 runuser -u modehub -- /usr/bin/modehub check-config --config /etc/modehub/config.toml || fail "check-config (as modehub) failed"
+/usr/bin/modehub doctor --config /etc/modehub/config.toml > "$work/doctor.txt" || { cat "$work/doctor.txt"; fail "modehub doctor found a problem"; }
+grep -q '^\[ok\]   device-key:dev0' "$work/doctor.txt" || { cat "$work/doctor.txt"; fail "doctor did not check dev0's key"; }
 # setpriv execs the hub itself (runuser would stay in between and turn SIGTERM into a kill).
 # umask 077 as the unit's UMask=0077.
 (umask 077; exec setpriv --reuid modehub --regid modehub --init-groups /usr/bin/modehub run --config /etc/modehub/config.toml) > "$work/hub.log" 2>&1 &
 hub=$!; pids+=($hub)
 for _ in $(seq 300); do curl -sf "http://127.0.0.1:$ops/healthz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$ops/healthz" >/dev/null || { cat "$work/hub.log"; fail "the installed hub did not become healthy"; }
+curl -sf "http://127.0.0.1:$ops/" | grep -q '<title>modehub</title>' || fail "no status page at /"
 mosquitto_pub -h 127.0.0.1 -p "$local" -u dev0 -P pw0 -q 1 -t /devices/dev0/event \
   -m '{"eventType":"deb-check","eventData":{"ok":true}}'
 got=""

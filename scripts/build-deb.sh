@@ -36,7 +36,7 @@ sed -e 's#/usr/local/bin/modehub#/usr/bin/modehub#g' \
     systemd/modehub.service > "$assets/modehub.service"
 {
   echo "# No device is configured yet, so the service does not start. Add one with"
-  echo "#   sudo modehub device add NAME --mode-id ID --api-key-file FILE"
+  echo "#   sudo modehub device add NAME --mode-id ID      (it asks for the API key)"
   echo "# (or uncomment and fill in the [[device]] table below), then: sudo modehub doctor"
   echo "#"
   awk '/^\[\[device\]\]/ { dev = 1 } dev && /^$/ { dev = 0 } { print (dev ? "# " $0 : $0) }' \

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub down: DownStats,
     /// Per device: accepted messages a minute over the last hour, and the last one's time.
     pub activity: Activity,
+    /// What the local MQTT front refused or slowed down (see docs/local-mqtt.md).
+    pub front: FrontStats,
 }
 
 /// Per-device activity for the status page: a ring of 60 one-minute counts and the time of the
@@ -133,6 +135,25 @@ impl Activity {
             .collect();
         (counts, Some(d.last_ms))
     }
+}
+
+/// Counters of the local MQTT front.
+#[derive(Debug, Default)]
+pub struct FrontStats {
+    /// Connections closed because they did not log in in time.
+    pub connect_timeouts: AtomicU64,
+    /// Not-logged-in connections closed to make room for a new one.
+    pub evicted: AtomicU64,
+    /// Connections refused because every slot held a logged-in device.
+    pub refused_full: AtomicU64,
+    /// Failed logins answered after a delay.
+    pub delayed_logins: AtomicU64,
+    /// PUBLISHes acknowledged and dropped (topic not allowed, QoS 2).
+    pub denied_publishes: AtomicU64,
+    /// Connections taken over by a new one with the same device and client id.
+    pub taken_over: AtomicU64,
+    /// CONNECTs of a protocol other than MQTT 3.1.1.
+    pub bad_protocol: AtomicU64,
 }
 
 /// Counters of the downlink.

@@ -222,6 +222,10 @@ pub struct LocalMqttConfig {
     pub listen: SocketAddr,
     /// Most local MQTT clients at once.
     pub max_connections: usize,
+    /// TLS on the local port (both or neither; PEM; convention: listen on 8883). Relative paths
+    /// are resolved against the config file's directory when the config is loaded.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for LocalMqttConfig {
@@ -229,6 +233,8 @@ impl Default for LocalMqttConfig {
         LocalMqttConfig {
             listen: "127.0.0.1:1883".parse().expect("static address"),
             max_connections: 256,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }

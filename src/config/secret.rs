@@ -18,16 +18,19 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-    /// Constant-time comparison, so a local client cannot guess a password byte by byte.
+    /// Constant-time comparison, so a local client cannot guess a password byte by byte: the
+    /// time depends only on the candidate's length, so neither the secret's bytes nor its
+    /// length leak.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         let a = self.0.as_bytes();
-        if a.len() != candidate.len() {
-            return false;
+        let mut diff = u8::from(a.len() != candidate.len());
+        if a.is_empty() {
+            return candidate.is_empty();
         }
-        a.iter()
-            .zip(candidate)
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        for (i, c) in candidate.iter().enumerate() {
+            diff |= c ^ a[i % a.len()];
+        }
+        diff == 0
     }
 }
 

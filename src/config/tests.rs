@@ -109,3 +109,17 @@ fn bad_toml_is_reported_with_line() {
     let problems = Config::parse("[hub]\ndata_dir = /x\n", Path::new(".")).unwrap_err();
     assert_eq!(problems[0].line, Some(2));
 }
+
+#[test]
+fn secret_matches_only_equal_and_hides_its_length() {
+    let s = Secret::new("secret");
+    assert!(s.matches(b"secret"));
+    assert!(!s.matches(b"secreT"));
+    assert!(!s.matches(b"secret1"));
+    assert!(!s.matches(b"secre"));
+    assert!(!s.matches(b""));
+    // A candidate that repeats the secret is not equal to it.
+    assert!(!Secret::new("ab").matches(b"abab"));
+    assert!(!Secret::new("").matches(b"x"));
+    assert!(Secret::new("").matches(b""));
+}

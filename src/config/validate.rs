@@ -17,13 +17,44 @@ impl Config {
                 fix,
             });
         };
-        if self.hub.max_payload_bytes < 64 || self.hub.max_payload_bytes > 16 * 1024 * 1024 {
+        // Each local connection may hold one packet of this size (+64 KiB) in memory.
+        if self.hub.max_payload_bytes < 64 || self.hub.max_payload_bytes > 1024 * 1024 {
             push(
                 "hub",
                 "max_payload_bytes",
                 format!("{} is out of range", self.hub.max_payload_bytes),
-                "use a value between 64 and 16777216 (default 65536)".into(),
+                "use a value between 64 and 1048576 (default 65536): every local connection may hold one message of this size in memory".into(),
             );
+        }
+        let mqtt = &mut self.local.mqtt;
+        match (&mqtt.tls_cert_file, &mqtt.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (base.join(cert), base.join(key));
+                for (k, f) in [("tls_cert_file", &cert), ("tls_key_file", &key)] {
+                    if let Err(e) = std::fs::File::open(f) {
+                        push(
+                            "local.mqtt",
+                            k,
+                            format!("cannot read {}: {e}", f.display()),
+                            "give a PEM file the hub can read (key file mode 0600)".into(),
+                        );
+                    }
+                }
+                mqtt.tls_cert_file = Some(cert);
+                mqtt.tls_key_file = Some(key);
+            }
+            (Some(_), None) | (None, Some(_)) => push(
+                "local.mqtt",
+                if mqtt.tls_key_file.is_none() {
+                    "tls_key_file"
+                } else {
+                    "tls_cert_file"
+                },
+                "TLS needs both tls_cert_file and tls_key_file".into(),
+                "set both (PEM certificate chain and its private key), or neither for plain MQTT"
+                    .into(),
+            ),
         }
         if tracing_subscriber::EnvFilter::try_new(&self.hub.log).is_err() {
             push(

@@ -139,6 +139,27 @@ pub async fn render(ctx: &OpsContext) -> String {
         );
     }
     o.family(
+        "modehub_local_front_total",
+        "counter",
+        "What the local MQTT front refused or slowed down: connections without CONNECT in time, not-logged-in connections evicted for a new one, connections refused (all slots logged in), failed logins answered late, publishes acknowledged and dropped, connections taken over by the same client id, CONNECTs of another MQTT version.",
+    );
+    let f = &m.front;
+    for (event, c) in [
+        ("connect_timeout", &f.connect_timeouts),
+        ("evicted", &f.evicted),
+        ("refused_full", &f.refused_full),
+        ("login_delayed", &f.delayed_logins),
+        ("publish_denied", &f.denied_publishes),
+        ("taken_over", &f.taken_over),
+        ("bad_protocol", &f.bad_protocol),
+    ] {
+        o.sample(
+            "modehub_local_front_total",
+            &[("event", event)],
+            c.load(Relaxed),
+        );
+    }
+    o.family(
         "modehub_kv_updates_total",
         "counter",
         "DDP messages from MODE: applied to the local mirror, ignored by the revision rule, invalid.",

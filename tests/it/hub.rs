@@ -156,20 +156,21 @@ async fn a_device_cannot_publish_or_subscribe_as_another() {
         SubscribeReasonCode::Success(_)
     ));
 
-    s0.client
-        .publish(
-            "/devices/dev1/event",
-            rumqttc::QoS::AtLeastOnce,
-            false,
-            event_json(1),
-        )
-        .await
-        .unwrap();
-    let mut closed = s0.closed.clone();
-    tokio::time::timeout(Duration::from_secs(10), closed.wait_for(|c| c.is_some()))
-        .await
-        .expect("hub drops a device publishing as another")
-        .unwrap();
+    // Acknowledged and dropped (what Mosquitto does): the device stays connected, so a
+    // client that resends unacknowledged publishes cannot lock itself out.
+    s0.publish_all("/devices/dev1/event", vec![event_json(1)])
+        .await;
+    s0.publish_all("/devices/dev0/event", vec![event_json(2)])
+        .await;
+    wait_events(&emu.handle(), device_id(0), 1).await;
+    assert!(s0.closed.borrow().is_none(), "device stays connected");
+    assert_eq!(
+        hub.metrics()
+            .front
+            .denied_publishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(emu.handle().events(device_id(1)).is_empty());
     assert!(hub.metrics().rejected(RejectReason::NotOwnTopic) >= 4);

@@ -14,6 +14,7 @@ mod downlink;
 mod emulator;
 mod hub;
 mod layout;
+mod local_front;
 mod ops;
 mod page;
 mod reload;

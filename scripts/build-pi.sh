@@ -4,6 +4,7 @@
 #   scripts/build-pi.sh            # all four builds below
 #   scripts/build-pi.sh gnu        # glibc builds only (Pi OS Bookworm or newer: glibc >= 2.34)
 #   scripts/build-pi.sh musl       # static builds only (any Pi OS release)
+#   scripts/build-pi.sh deb        # the gnu builds, then their .deb packages (arm64, armhf)
 #
 # gnu:  aarch64-unknown-linux-gnu, armv7-unknown-linux-gnueabihf — rustup targets + Debian's
 #       cross linkers (gcc-aarch64-linux-gnu, gcc-arm-linux-gnueabihf and their libc dev packages).
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 what="${1:-all}"
-case "$what" in all|gnu|musl) ;; *) echo "usage: $0 [all|gnu|musl]" >&2; exit 2 ;; esac
+case "$what" in all|gnu|musl|deb) ;; *) echo "usage: $0 [all|gnu|musl|deb]" >&2; exit 2 ;; esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -56,10 +57,14 @@ if [ "$what" != musl ]; then
     echo "== cargo build --release --target $t"
     time cargo build --release --locked --target "$t"
     record "$t" "target/$t/release/modehub"
+    # The .deb (scripts/build-deb.sh, cargo-deb) of this build: Pi OS Bookworm or newer.
+    if [ "$what" = deb ] || [ "$what" = all ]; then
+      scripts/build-deb.sh --target "$t" --no-build
+    fi
   done
 fi
 
-if [ "$what" != gnu ]; then
+if [ "$what" != gnu ] && [ "$what" != deb ]; then
   # zig links these itself: the Debian gcc settings of the glibc builds must not leak in
   # (they would link the glibc-2.28 build against this machine's newer glibc).
   unset CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER CC_aarch64_unknown_linux_gnu AR_aarch64_unknown_linux_gnu
@@ -102,4 +107,5 @@ for t in "${built[@]}"; do
   f="dist/modehub-$t"
   printf '%-40s %9d bytes  %s\n' "$t" "$(stat -c %s "$f")" "$(file -b "$f" | cut -d, -f1-2,5- | cut -c1-90)"
 done
+ls -l dist/*.deb 2>/dev/null || true
 [ ${#built[@]} -gt 0 ] || { echo "nothing was built" >&2; exit 1; }

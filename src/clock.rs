@@ -88,8 +88,10 @@ impl TimeSource for SystemTimeSource {
         let id = nix::time::ClockId::CLOCK_BOOTTIME;
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let id = nix::time::ClockId::CLOCK_MONOTONIC;
+        // time_t and c_long are 32 bits on armhf (armv7 gnueabihf): widen before multiplying.
+        #[allow(clippy::unnecessary_cast)]
         nix::time::clock_gettime(id)
-            .map(|t| t.tv_sec() * 1000 + t.tv_nsec() / 1_000_000)
+            .map(|t| t.tv_sec() as i64 * 1000 + t.tv_nsec() as i64 / 1_000_000)
             .unwrap_or(0)
     }
 

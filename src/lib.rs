@@ -14,6 +14,8 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "emulator")]
 pub mod demo;
+pub mod device_cli;
+pub mod doctor;
 pub mod downlink;
 #[cfg(feature = "emulator")]
 pub mod emulator;

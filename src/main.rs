@@ -55,6 +55,25 @@ enum Cmd {
     /// Run emulator + hub + a simulated sensor in one process, printing what travels.
     #[cfg(feature = "emulator")]
     Demo(modehub::demo::DemoArgs),
+    /// Check the setup (config, disk, clock, MODE reachable, keys, homes, serial ports, local
+    /// port) and say how to fix each problem. Exit code 1 when a check fails.
+    Doctor {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/modehub/config.toml")]
+        config: PathBuf,
+        /// Print the checklist as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, add or remove devices and set local passwords, editing the config in place.
+    Device(modehub::device_cli::DeviceArgs),
+    /// Print the man page (roff), generated from these definitions (the .deb build uses it).
+    #[command(hide = true)]
+    Man {
+        /// Write modehub.1 and one page per subcommand (modehub-run.1, ...) into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Changes the log filter of a running hub (SIGHUP with a new `[hub] log`).
@@ -155,6 +174,24 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { config } => return check_config(&config),
         Cmd::Status { json, ops, config } => return status(json, ops, config),
         Cmd::Outbox { config, dead } => return outbox_report(&config, dead),
+        Cmd::Man { out_dir } => return man_page(out_dir),
+        Cmd::Device(args) => return device(&args),
+        Cmd::Doctor { config, json } => {
+            let report = rt.block_on(modehub::doctor::run(&config, &Default::default()));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            return if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+        }
         Cmd::Run { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -181,6 +218,36 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn device(args: &modehub::device_cli::DeviceArgs) -> ExitCode {
+    match modehub::device_cli::run(args, &mut std::io::stdin().lock()) {
+        Ok(out) => {
+            for l in out.lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn man_page(out_dir: Option<PathBuf>) -> ExitCode {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let written = match out_dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout().lock()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write the man page: {e}");
             ExitCode::FAILURE
         }
     }

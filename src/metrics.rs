@@ -75,8 +75,66 @@ pub struct Metrics {
     pub serial: SerialStats,
     /// The way down (commands and DDP from MODE to local devices).
     pub down: DownStats,
+    /// Per device: accepted messages a minute over the last hour, and the last one's time.
+    pub activity: Activity,
     /// What the local MQTT front refused or slowed down (see docs/local-mqtt.md).
     pub front: FrontStats,
+}
+
+/// Per-device activity for the status page: a ring of 60 one-minute counts and the time of the
+/// last accepted message, keyed by MODE id. One short lock per accepted message; a device's
+/// entry is allocated once, on its first message.
+#[derive(Debug, Default)]
+pub struct Activity {
+    devices: std::sync::Mutex<std::collections::HashMap<u64, DeviceActivity>>,
+}
+
+/// One device's [`Activity`].
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceActivity {
+    /// (unix minute, count) per slot `minute % 60`.
+    minutes: [(i64, u32); 60],
+    /// Unix ms of the last accepted message.
+    pub last_ms: i64,
+}
+
+impl Activity {
+    /// Counts one accepted message of device `mode_id` at unix ms `now_ms`.
+    pub fn record(&self, mode_id: u64, now_ms: i64) {
+        let minute = now_ms.div_euclid(60_000);
+        let mut map = self.devices.lock().expect("activity lock");
+        let d = map.entry(mode_id).or_insert(DeviceActivity {
+            minutes: [(i64::MIN, 0); 60],
+            last_ms: now_ms,
+        });
+        let slot = &mut d.minutes[minute.rem_euclid(60) as usize];
+        if slot.0 != minute {
+            *slot = (minute, 0);
+        }
+        slot.1 = slot.1.saturating_add(1);
+        d.last_ms = now_ms;
+    }
+
+    /// Messages per minute of `mode_id` for the 60 minutes up to `now_ms`, oldest first, and
+    /// the time of its last message (`None` if it sent nothing since the hub started).
+    pub fn last_hour(&self, mode_id: u64, now_ms: i64) -> (Vec<u32>, Option<i64>) {
+        let now = now_ms.div_euclid(60_000);
+        let map = self.devices.lock().expect("activity lock");
+        let Some(d) = map.get(&mode_id) else {
+            return (vec![0; 60], None);
+        };
+        let counts = (now - 59..=now)
+            .map(|m| {
+                let (at, n) = d.minutes[m.rem_euclid(60) as usize];
+                if at == m {
+                    n
+                } else {
+                    0
+                }
+            })
+            .collect();
+        (counts, Some(d.last_ms))
+    }
 }
 
 /// Counters of the local MQTT front.

@@ -167,6 +167,9 @@ impl Router {
                 self.metrics
                     .accepted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics
+                    .activity
+                    .record(self.mode_id(dev), crate::timing::now_ms());
                 Ok(w)
             }
             Err(e) => Err(self.refuse(dev, Rejected::Storage(e.to_string()))),

@@ -168,6 +168,12 @@ pub struct OpsConfig {
     /// /healthz turns 503 when a backlog exists, sessions are up, and MODE has acknowledged
     /// nothing for this long ("connected but not draining").
     pub stall_after_secs: u64,
+    /// A file (mode 0600) holding the password that clients not on this machine must send
+    /// (HTTP Basic, any user name); required when `listen` is not a loopback address.
+    pub password_file: Option<PathBuf>,
+    /// The password read from `password_file` by `Config::load` (never printed).
+    #[serde(skip)]
+    pub password: Option<Secret>,
 }
 
 impl Default for OpsConfig {
@@ -175,6 +181,8 @@ impl Default for OpsConfig {
         OpsConfig {
             listen: "127.0.0.1:9464".into(),
             stall_after_secs: 300,
+            password_file: None,
+            password: None,
         }
     }
 }

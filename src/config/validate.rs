@@ -92,6 +92,22 @@ impl Config {
                 "use e.g. \"127.0.0.1:9464\", or \"off\"".into(),
             );
         }
+        if let Some(pf) = &self.ops.password_file {
+            match read_secret_file(&base.join(pf)) {
+                Ok(p) => self.ops.password = Some(p),
+                Err((what, fix)) => push("ops", "password_file", what, fix),
+            }
+        }
+        if let Ok(a) = self.ops.listen.parse::<SocketAddr>() {
+            if !a.ip().is_loopback() && self.ops.password_file.is_none() {
+                push(
+                    "ops",
+                    "listen",
+                    format!("`{}` shows the status page and metrics beyond this machine, but no password is set", self.ops.listen),
+                    "set [ops] password_file to a file (mode 0600) holding a password, or keep listen = \"127.0.0.1:9464\"".into(),
+                );
+            }
+        }
         if !(1..=86_400).contains(&self.ops.stall_after_secs) {
             push(
                 "ops",

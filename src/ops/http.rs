@@ -1,7 +1,8 @@
 //! The local ops endpoint: `/healthz`, `/metrics`, `/status.json` (axum).
 //!
-//! It binds where `[ops] listen` says (loopback by default: it has no authentication, and
-//! shows device names and MODE ids, never keys).
+//! It binds where `[ops] listen` says: loopback by default. Elsewhere the config demands
+//! `[ops] password_file`, and clients not on this machine must send it (`auth`). It shows
+//! device names and MODE ids, never keys. `/` is the homeowner's page (`page`).
 //!
 //! Whoever can reach it must not be able to starve the hub of file descriptors (which the MQTT
 //! accept and the outbox need too): at most [`MAX_CONNECTIONS`] connections are open at once
@@ -44,6 +45,7 @@ const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 pub async fn serve(
     ctx: Arc<OpsContext>,
     addr: SocketAddr,
+    password: Option<crate::config::Secret>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<SocketAddr> {
@@ -58,9 +60,17 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/status.json", get(status))
-        .route("/", get(index))
+        .merge(super::page::routes())
         .with_state(ctx);
+    // Off loopback, a password ([ops] password_file; config validation demands one there).
+    let app = match password {
+        Some(p) => app.layer(axum::middleware::from_fn(move |req, next| {
+            super::auth::require_password(p.clone(), req, next)
+        })),
+        None => app,
+    };
     tracker.spawn(async move {
+        let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
@@ -70,10 +80,6 @@ pub async fn serve(
     });
     tracing::info!(addr = %bound, "ops endpoint listening (/healthz, /metrics, /status.json)");
     Ok(bound)
-}
-
-async fn index() -> &'static str {
-    "modehub ops endpoint: /healthz /metrics /status.json\n"
 }
 
 async fn healthz(State(ctx): State<Arc<OpsContext>>) -> Response {
@@ -121,6 +127,16 @@ async fn status(State(ctx): State<Arc<OpsContext>>) -> Response {
     match serde_json::to_string_pretty(&report) {
         Ok(s) => ([(header::CONTENT_TYPE, "application/json")], s).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The address of the client of one ops connection (axum's `ConnectInfo` for [`Capped`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Capped>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Capped>) -> Self {
+        Peer(*stream.remote_addr())
     }
 }
 

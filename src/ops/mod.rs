@@ -11,8 +11,10 @@
 //! view is an [`OpsContext`], built by [`crate::Hub::ops_context`]. Its background tasks end when
 //! the hub shuts down, so they never keep the outbox open. Nothing here prints a secret.
 
+mod auth;
 pub mod http;
 pub mod notify;
+pub mod page;
 pub mod prom;
 mod readouts;
 pub mod status;
@@ -104,7 +106,14 @@ impl Hub {
         let Some(addr) = cfg.ops.listen_addr() else {
             return Ok(None);
         };
-        let bound = http::serve(ctx, addr, self.shutdown.clone(), &self.tracker).await?;
+        let bound = http::serve(
+            ctx,
+            addr,
+            cfg.ops.password.clone(),
+            self.shutdown.clone(),
+            &self.tracker,
+        )
+        .await?;
         Ok(Some(bound))
     }
 }

@@ -9,6 +9,8 @@
 mod common;
 
 mod compat;
+mod device_cli;
+mod doctor;
 mod downlink;
 mod emulator;
 mod emulator_fidelity;
@@ -19,6 +21,7 @@ mod local_front;
 mod mode_fidelity;
 mod ops;
 mod ops_limits;
+mod page;
 mod reload;
 mod serial;
 mod serial_line_props;

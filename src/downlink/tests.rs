@@ -59,6 +59,10 @@ async fn next(rx: &mut mpsc::Receiver<DownMsg>, what: &str) -> DownMsg {
         .expect("adapter queue open")
 }
 
+/// One device's work is held at its gate; another device's reload, command, MODE store (through
+/// storage) and kv change must still reach its adapter, and once released the held device gets
+/// its stored and direct commands in order. Fails if all devices' work ran inline on the routing
+/// task (presence stops being applied) or on one shared task (the quick device waits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_whose_path_is_stuck_does_not_hold_up_another() {
     let dir = tempfile::tempdir().unwrap();

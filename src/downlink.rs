@@ -183,6 +183,9 @@ impl Downlink {
                 },
                 _ = shutdown.cancelled() => return,
             };
+            // Test hook: a test can hold this device's path, as slow storage or a port would.
+            #[cfg(test)]
+            tests::gate(self.generation().registry.get(dev).mode_id).await;
             match work {
                 Work::Command(payload, listening) => self.command(listening, dev, payload).await,
                 Work::Kv(payload, listening, done) => {
@@ -377,3 +380,6 @@ impl Downlink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,8 @@
 //! The messages that cross layers, in one neutral place: what the adapters tell the downlink
-//! (presence), what goes down to a device, the device slot id and MODE device id, and the rows and DDP changes that
-//! the router, the outbox and MODE's wire module pass along. Every layer may import this module;
-//! it imports none of them. It must not hold behaviour beyond small constructors and conversions.
+//! (presence), what goes down to a device, the device slot id and MODE's device id, and the rows
+//! and DDP changes that the router, the outbox and MODE's wire module pass along. Every layer may
+//! import this module; it imports none of them. It must not hold behaviour beyond small
+//! constructors and conversions.
 
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -223,3 +223,20 @@ pub struct KvSnapshot {
     /// (key, raw JSON value), sorted by key.
     pub items: Vec<(String, String)>,
 }
+
+#[cfg(test)]
+mod mode_id_tests {
+    use super::ModeId;
+
+    #[test]
+    fn mode_id_reads_and_prints_as_the_bare_number() {
+        let id: ModeId = "1234".parse().unwrap();
+        assert_eq!(id, ModeId(1234));
+        assert_eq!(id.to_string(), "1234");
+        assert_eq!(format!("{id:?}"), "1234");
+        assert_eq!(serde_json::to_string(&id).unwrap(), "1234");
+        assert_eq!(serde_json::from_str::<ModeId>("1234").unwrap(), id);
+        assert!("x1".parse::<ModeId>().is_err());
+        assert!(serde_json::from_str::<ModeId>("\"1234\"").is_err());
+    }
+}

@@ -44,7 +44,7 @@ pub enum DeviceCmd {
         name: String,
         /// The device's MODE device ID.
         #[arg(long)]
-        mode_id: u64,
+        mode_id: crate::local::ModeId,
         /// The MODE home the device belongs to.
         #[arg(long)]
         home_id: Option<u64>,
@@ -162,7 +162,7 @@ pub fn run(args: &DeviceArgs, input: &mut dyn BufRead) -> Result<Outcome, Device
             let key_path = base.join("keys").join(name);
             let mut t = Table::new();
             t["name"] = value(name.as_str());
-            t["mode_id"] = value(*mode_id as i64);
+            t["mode_id"] = value(mode_id.get() as i64);
             if let Some(h) = home_id {
                 t["home_id"] = value(*h as i64);
             }

@@ -12,7 +12,7 @@
 use crate::broker::LocalBroker;
 use crate::generation::{DeviceView, SharedView};
 pub use crate::local::{next_conn_id, ConnId, DownKind, DownMsg, LocalEvent};
-use crate::local::{DeviceId, KvChange};
+use crate::local::{DeviceId, KvChange, ModeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::presence::{Listening, Presence};
@@ -253,7 +253,7 @@ impl Downlink {
         match self
             .outbox
             .queue_command(
-                d.mode_id,
+                d.mode_id.get(),
                 payload.to_vec(),
                 now_ms(),
                 ttl,
@@ -282,7 +282,7 @@ impl Downlink {
         let registry = self.generation().registry.clone();
         let d = registry.get(dev);
         let m = &self.metrics.down;
-        let taken = match self.outbox.take_commands(d.mode_id, now_ms()).await {
+        let taken = match self.outbox.take_commands(d.mode_id.get(), now_ms()).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(device = %d.name, error = %e, "cannot read waiting commands");
@@ -316,7 +316,7 @@ impl Downlink {
                     let name = self
                         .generation()
                         .registry
-                        .by_mode_id(mode_id)
+                        .by_mode_id(ModeId(mode_id))
                         .map(|d| d.name.clone())
                         .unwrap_or_else(|| mode_id.to_string());
                     tracing::warn!(device = %name, expired = n, ttl = ?self.cfg.command_ttl,
@@ -331,7 +331,7 @@ impl Downlink {
     async fn serve_reload(&self, dev: DeviceId) {
         let registry = self.generation().registry.clone();
         let d = registry.get(dev);
-        match self.outbox.kv_snapshot(d.mode_id).await {
+        match self.outbox.kv_snapshot(d.mode_id.get()).await {
             Ok(snap) => {
                 let msg = crate::mode::kv_reload_message(&snap);
                 match self.hand_over(dev, DownKind::Kv, Bytes::from(msg)) {
@@ -360,7 +360,7 @@ impl Downlink {
             }
         };
         let is_reload = matches!(change, KvChange::Reload { .. });
-        match self.outbox.kv_apply(d.mode_id, change).await {
+        match self.outbox.kv_apply(d.mode_id.get(), change).await {
             Ok(true) => {
                 m.kv_applied.fetch_add(1, Relaxed);
                 if !listening {

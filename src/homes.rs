@@ -15,6 +15,7 @@
 //! `mode::homes`; this module must not speak MODE's wire format or SQL.
 
 use crate::config::Secret;
+use crate::local::ModeId;
 use crate::mode::homes::HomeError;
 use crate::timing::now_ms;
 use std::collections::{BTreeMap, HashMap};
@@ -63,7 +64,7 @@ pub struct HomeStatus {
     /// When MODE last answered for this home (unix ms).
     pub last_checked_ms: Option<i64>,
     /// MODE device IDs of the configured devices in this home.
-    pub devices: Vec<u64>,
+    pub devices: Vec<ModeId>,
 }
 
 impl HomeStatus {
@@ -101,7 +102,10 @@ pub struct Homes {
 impl Homes {
     /// `devices`: (MODE device ID, home ID) of every configured device. `watched`: whether a
     /// project key lets the watcher read homes.
-    pub fn new(devices: impl IntoIterator<Item = (u64, Option<u64>)>, watched: bool) -> Arc<Homes> {
+    pub fn new(
+        devices: impl IntoIterator<Item = (ModeId, Option<u64>)>,
+        watched: bool,
+    ) -> Arc<Homes> {
         let homes = Arc::new(Homes {
             watched,
             inner: Mutex::new(BTreeMap::new()),
@@ -117,7 +121,7 @@ impl Homes {
     /// Puts a new device list in force (a config reload). Homes that keep devices keep their
     /// state; new homes start unknown and are read at once; homes left without devices are
     /// no longer watched.
-    pub fn set_devices(&self, devices: impl IntoIterator<Item = (u64, Option<u64>)>) {
+    pub fn set_devices(&self, devices: impl IntoIterator<Item = (ModeId, Option<u64>)>) {
         let start = now_ms();
         let mut added = false;
         {
@@ -327,7 +331,14 @@ mod tests {
 
     #[test]
     fn unknown_keeps_last_known_state() {
-        let homes = Homes::new([(100, Some(42)), (101, Some(43)), (102, None)], true);
+        let homes = Homes::new(
+            [
+                (ModeId(100), Some(42)),
+                (ModeId(101), Some(43)),
+                (ModeId(102), None),
+            ],
+            true,
+        );
         let mut h42 = homes.held(Some(42));
         let none = homes.held(None);
         assert!(!*h42.borrow());
@@ -349,7 +360,7 @@ mod tests {
         let st = &homes.statuses()[0];
         assert_eq!(st.state, HomeState::Active);
         assert!(!st.stale);
-        assert_eq!(st.devices, vec![100]);
+        assert_eq!(st.devices, vec![ModeId(100)]);
         assert!(!*none.borrow());
         // Unknown homes are not held.
         assert!(!*homes.held(Some(43)).borrow());

@@ -116,7 +116,7 @@ impl UplinkParts {
             .notifies
             .write()
             .expect("notify lock")
-            .entry(d.mode_id)
+            .entry(d.mode_id.get())
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone();
         let stop = self.shutdown.child_token();
@@ -282,7 +282,7 @@ impl Hub {
         let notifies: Arc<RwLock<HashMap<u64, Arc<Notify>>>> = Arc::new(RwLock::new(
             registry
                 .iter()
-                .map(|d| (d.mode_id, Arc::new(Notify::new())))
+                .map(|d| (d.mode_id.get(), Arc::new(Notify::new())))
                 .collect(),
         ));
         let n = notifies.clone();

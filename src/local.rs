@@ -1,13 +1,14 @@
 //! The messages that cross layers, in one neutral place: what the adapters tell the downlink
-//! (presence), what goes down to a device, the device slot id, and the rows and DDP changes that
-//! the router, the outbox and MODE's wire module pass along. Every layer may import this module;
-//! it imports none of them. It must not hold behaviour beyond small constructors and conversions.
+//! (presence), what goes down to a device, the device slot id and MODE's device id, and the rows
+//! and DDP changes that the router, the outbox and MODE's wire module pass along. Every layer may
+//! import this module; it imports none of them. It must not hold behaviour beyond small
+//! constructors and conversions.
 
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A device's slot in the registry (an index into its per-device tables). Stable across
-/// reloads: a slot is never reused. Not MODE's device ID (that is the device's `mode_id`).
+/// reloads: a slot is never reused. Not MODE's device ID (that is [`ModeId`], the `mode_id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub usize);
 
@@ -35,6 +36,54 @@ impl<T> std::ops::Index<DeviceId> for Vec<T> {
 impl<T> std::ops::IndexMut<DeviceId> for Vec<T> {
     fn index_mut(&mut self, id: DeviceId) -> &mut T {
         &mut self[id.0]
+    }
+}
+
+/// A device's ID at MODE (the config's `mode_id`): what the hub logs in as and what MODE's
+/// topics and URLs name. Not the local slot (that is [`DeviceId`]). Serialized, shown and parsed
+/// as the bare decimal number, so config, JSON and logs read the same as a plain `u64`.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct ModeId(pub u64);
+
+impl ModeId {
+    /// The number MODE knows the device by.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for ModeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Debug shows the bare number too, so `Debug` output of configs and rows stays as it was.
+impl std::fmt::Debug for ModeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ModeId {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<ModeId, Self::Err> {
+        s.parse().map(ModeId)
+    }
+}
+
+impl From<u64> for ModeId {
+    fn from(id: u64) -> ModeId {
+        ModeId(id)
+    }
+}
+
+impl From<ModeId> for u64 {
+    fn from(id: ModeId) -> u64 {
+        id.0
     }
 }
 
@@ -173,4 +222,21 @@ pub struct KvSnapshot {
     pub rev: i64,
     /// (key, raw JSON value), sorted by key.
     pub items: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod mode_id_tests {
+    use super::ModeId;
+
+    #[test]
+    fn mode_id_reads_and_prints_as_the_bare_number() {
+        let id: ModeId = "1234".parse().unwrap();
+        assert_eq!(id, ModeId(1234));
+        assert_eq!(id.to_string(), "1234");
+        assert_eq!(format!("{id:?}"), "1234");
+        assert_eq!(serde_json::to_string(&id).unwrap(), "1234");
+        assert_eq!(serde_json::from_str::<ModeId>("1234").unwrap(), id);
+        assert!("x1".parse::<ModeId>().is_err());
+        assert!(serde_json::from_str::<ModeId>("\"1234\"").is_err());
+    }
 }

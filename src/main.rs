@@ -476,7 +476,7 @@ fn outbox_report(path: &std::path::Path, dead: usize) -> ExitCode {
     let names: std::collections::HashMap<u64, &str> = cfg
         .devices
         .iter()
-        .map(|d| (d.mode_id, d.name.as_str()))
+        .map(|d| (d.mode_id.get(), d.name.as_str()))
         .collect();
     println!(
         "outbox {} (schema v{})",

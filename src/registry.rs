@@ -13,13 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
-pub use crate::local::{DeviceId, TopicKind};
+pub use crate::local::{DeviceId, ModeId, TopicKind};
 
 #[derive(Debug, Clone)]
 pub struct Device {
     pub id: DeviceId,
     pub name: String,
-    pub mode_id: u64,
+    pub mode_id: ModeId,
     pub home_id: Option<u64>,
     pub api_key: Secret,
     pub local_password: Option<Secret>,
@@ -56,7 +56,7 @@ pub struct Registry {
     devices: Vec<Device>,
     live: Vec<bool>,
     by_name: HashMap<String, DeviceId>,
-    by_mode_id: HashMap<u64, DeviceId>,
+    by_mode_id: HashMap<ModeId, DeviceId>,
 }
 
 /// What [`Registry::reconcile`] changed, by slot.
@@ -157,7 +157,7 @@ impl Registry {
         self.devices.iter().filter(|d| self.live[d.id])
     }
 
-    pub fn by_mode_id(&self, mode_id: u64) -> Option<&Device> {
+    pub fn by_mode_id(&self, mode_id: ModeId) -> Option<&Device> {
         self.by_mode_id.get(&mode_id).map(|&i| &self.devices[i])
     }
 
@@ -167,7 +167,7 @@ impl Registry {
             return Some(&self.devices[i]);
         }
         name_or_id
-            .parse::<u64>()
+            .parse::<ModeId>()
             .ok()
             .and_then(|id| self.by_mode_id(id))
     }
@@ -300,7 +300,7 @@ api_key = "k13"
         assert_eq!(n.lookup("12").unwrap().id, DeviceId(2));
         assert_eq!(n.lookup("shed").unwrap().id, DeviceId(3));
         assert!(!n.is_live(DeviceId(1)) && n.is_live(DeviceId(2)));
-        assert_eq!(n.get(DeviceId(1)).mode_id, 12, "retired slot kept");
+        assert_eq!(n.get(DeviceId(1)).mode_id, ModeId(12), "retired slot kept");
         assert_eq!(
             n.get(DeviceId(1)).api_key,
             Secret::new(""),

@@ -136,7 +136,7 @@ impl Router {
 
     /// MODE device ID of a slot (a retired slot keeps the identity it was accepted under).
     fn mode_id(&self, dev: DeviceId) -> u64 {
-        self.registry.load().get(dev).mode_id
+        self.registry.load().get(dev).mode_id.get()
     }
 
     fn refuse(&self, dev: DeviceId, r: Rejected) -> Rejected {

@@ -20,6 +20,7 @@
 //! payloads: it moves rows and bytes.
 
 use crate::homes::Homes;
+use crate::local::ModeId;
 use crate::metrics::Metrics;
 use crate::mode::{Session, SessionConfig, SessionEvent};
 use crate::outbox::{Outbox, Row};
@@ -72,7 +73,7 @@ pub enum Hold {
 /// What status shows of one device's uplink (shared with its task).
 #[derive(Debug)]
 pub struct UplinkStatus {
-    pub mode_id: u64,
+    pub mode_id: ModeId,
     pub name: String,
     pub pace: Arc<DevicePaceStatus>,
     hold: Mutex<Option<Hold>>,
@@ -99,7 +100,7 @@ impl UplinkStatus {
 #[derive(Debug, Clone)]
 pub struct DeviceBacklog {
     pub name: String,
-    pub mode_id: u64,
+    pub mode_id: ModeId,
     pub rows: u64,
     pub bytes: u64,
     /// When the oldest waiting row was accepted (unix ms).
@@ -200,7 +201,7 @@ impl DeviceUplink {
             };
             let delay = match connected {
                 Ok(session) => {
-                    tracing::info!(device = %self.device.name, mode_id = self.device.mode_id, "upstream session up");
+                    tracing::info!(device = %self.device.name, mode_id = self.device.mode_id.get(), "upstream session up");
                     self.set_state(SessionState::Up);
                     let started = tokio::time::Instant::now();
                     let ended = self.pump(session, &mut recent).await;
@@ -222,7 +223,7 @@ impl DeviceUplink {
                 }
                 Err(e) if e.is_auth() => {
                     self.metrics.upstream_connect_failures.fetch_add(1, Relaxed);
-                    tracing::error!(device = %self.device.name, mode_id = self.device.mode_id, error = %e, retry_in = ?PARKED_RETRY, "MODE REFUSED THIS DEVICE'S CREDENTIALS; its data is kept in the outbox. Fix mode_id / api_key in the config.");
+                    tracing::error!(device = %self.device.name, mode_id = self.device.mode_id.get(), error = %e, retry_in = ?PARKED_RETRY, "MODE REFUSED THIS DEVICE'S CREDENTIALS; its data is kept in the outbox. Fix mode_id / api_key in the config.");
                     self.set_state(SessionState::Refused(e.to_string()));
                     PARKED_RETRY
                 }
@@ -329,7 +330,7 @@ impl DeviceUplink {
                 // not one read (a round trip through the writer thread) per PUBACK.
                 let room = window.saturating_sub(session.in_flight() + ready.len());
                 if more && ready.is_empty() && session.in_flight() <= window / 2 {
-                    let id = self.device.mode_id;
+                    let id = self.device.mode_id.get();
                     let handed = if caught_up {
                         self.outbox.take_committed(id, cursor, room)
                     } else {

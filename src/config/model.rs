@@ -350,7 +350,7 @@ impl MqttEndpoint {
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub name: String,
-    pub mode_id: u64,
+    pub mode_id: crate::local::ModeId,
     #[serde(default)]
     pub home_id: Option<u64>,
     #[serde(default)]

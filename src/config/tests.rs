@@ -23,7 +23,7 @@ local_password = "s3cret"
 #[test]
 fn parses_good_config_with_defaults() {
     let c = Config::parse(GOOD, Path::new(".")).unwrap();
-    assert_eq!(c.devices[0].mode_id, 1234);
+    assert_eq!(c.devices[0].mode_id, crate::local::ModeId(1234));
     assert_eq!(c.cloud.api_url, "https://api.tinkermode.com");
     assert_eq!(c.hub.max_payload_bytes, 65536);
     assert_eq!(

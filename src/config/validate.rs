@@ -230,7 +230,7 @@ impl Config {
                     "give every device its own name".into(),
                 );
             }
-            if d.mode_id == 0 {
+            if d.mode_id.get() == 0 {
                 push(
                     &table,
                     "mode_id",

@@ -43,10 +43,10 @@ impl KvHealth {
             .clone()
     }
 
-    pub(crate) fn set_problem(&self, mode_id: u64, why: String) {
+    pub(crate) fn set_problem(&self, mode_id: crate::local::ModeId, why: String) {
         let mut p = self.problem.lock().unwrap_or_else(|e| e.into_inner());
         if p.as_ref().map(|(w, _)| w) != Some(&why) {
-            tracing::warn!(device = mode_id, problem = %why, "kv degraded for this device; events and commands go on");
+            tracing::warn!(device = mode_id.get(), problem = %why, "kv degraded for this device; events and commands go on");
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
@@ -55,7 +55,7 @@ impl KvHealth {
         }
     }
 
-    pub(crate) fn clear(&self, mode_id: u64) {
+    pub(crate) fn clear(&self, mode_id: crate::local::ModeId) {
         if self
             .problem
             .lock()
@@ -63,7 +63,7 @@ impl KvHealth {
             .take()
             .is_some()
         {
-            tracing::info!(device = mode_id, "kv works again for this device");
+            tracing::info!(device = mode_id.get(), "kv works again for this device");
         }
     }
 
@@ -157,7 +157,7 @@ impl Session {
     /// reported into `kv` (kept by the caller across sessions).
     pub async fn connect(
         cfg: &SessionConfig,
-        mode_id: u64,
+        mode_id: crate::local::ModeId,
         key: &Secret,
         kv: &Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
@@ -312,15 +312,15 @@ pub fn kv_reload_message(snap: &KvSnapshot) -> Vec<u8> {
     out
 }
 
-pub fn event_topic(mode_id: u64) -> String {
+pub fn event_topic(mode_id: crate::local::ModeId) -> String {
     format!("/devices/{mode_id}/event")
 }
 
-pub fn kv_topic(mode_id: u64) -> String {
+pub fn kv_topic(mode_id: crate::local::ModeId) -> String {
     format!("/devices/{mode_id}/kv")
 }
 
-pub fn command_topic(mode_id: u64) -> String {
+pub fn command_topic(mode_id: crate::local::ModeId) -> String {
     format!("/devices/{mode_id}/command")
 }
 
@@ -345,11 +345,11 @@ pub fn upstream_message(row: &Row, stamping: &Stamping, out: &mut Vec<u8>) -> St
     match row.kind {
         Kind::Event => {
             write_event(row, stamping, out);
-            event_topic(row.device)
+            event_topic(crate::local::ModeId(row.device))
         }
         Kind::KvSet | Kind::KvDelete => {
             write_kv(row, out);
-            kv_topic(row.device)
+            kv_topic(crate::local::ModeId(row.device))
         }
     }
 }

@@ -55,7 +55,7 @@ struct SubState {
 pub struct Session {
     client: AsyncClient,
     eventloop: EventLoop,
-    mode_id: u64,
+    mode_id: crate::local::ModeId,
     /// Rows handed to rumqttc, not yet given a packet id (rumqttc sends in order).
     unsent: VecDeque<i64>,
     /// Packet id -> outbox row, for publishes awaiting PUBACK.
@@ -114,7 +114,7 @@ impl Session {
     /// topics at QoS 0.
     pub async fn connect(
         cfg: &SessionConfig,
-        mode_id: u64,
+        mode_id: crate::local::ModeId,
         key: &Secret,
         kv: Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
@@ -240,7 +240,7 @@ impl Session {
                     format!("MODE refused the kv subscription; retrying every {wait:?} or so"),
                 );
             }
-            Sub::Command => tracing::warn!(device = mode_id, retry_in = ?wait,
+            Sub::Command => tracing::warn!(device = mode_id.get(), retry_in = ?wait,
                 "MODE refused the command subscription; commands for this device will not arrive until a retry works"),
         }
     }
@@ -342,7 +342,7 @@ impl Session {
                         self.kv.set_problem(self.mode_id, format!(
                             "MODE's kv reload ({size} bytes) is over the downlink packet limit ({limit} bytes, cloud.max_downlink_packet_bytes); kv off for {KV_OFF_AFTER_OVERSIZE:?}"));
                     } else {
-                        tracing::warn!(device = self.mode_id, size, limit, "MODE sent a packet over the downlink packet limit; reconnecting without it");
+                        tracing::warn!(device = self.mode_id.get(), size, limit, "MODE sent a packet over the downlink packet limit; reconnecting without it");
                     }
                     return SessionEvent::Closed(format!(
                         "MODE sent a packet of {size} bytes, over the downlink limit of {limit}"

@@ -122,7 +122,7 @@ type Pending = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 pub struct Session {
     base: String,
-    mode_id: u64,
+    mode_id: crate::local::ModeId,
     auth: String,
     ws: Ws,
     /// The request in flight, and how often it was tried.
@@ -143,7 +143,7 @@ impl Session {
     /// Checks the key, opens the command WebSocket, and reads the kv store.
     pub async fn connect(
         cfg: &SessionConfig,
-        mode_id: u64,
+        mode_id: crate::local::ModeId,
         key: &Secret,
         kv: Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {

@@ -20,6 +20,7 @@ mod readouts;
 pub mod status;
 
 use crate::config::Config;
+use crate::local::ModeId;
 use crate::metrics::Metrics;
 use crate::outbox::{DeviceDepth, Outbox};
 pub use crate::presence::Presence;
@@ -153,7 +154,7 @@ impl Health {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceStatus {
     pub name: String,
-    pub mode_id: u64,
+    pub mode_id: ModeId,
     pub home_id: Option<u64>,
     /// `mqtt` or `serial <port>`.
     pub transport: String,
@@ -283,23 +284,23 @@ impl OpsContext {
     }
 
     /// Commands waiting in the outbox for each device (by MODE id) that is away locally.
-    pub async fn command_queue_depth(&self) -> HashMap<u64, u64> {
+    pub async fn command_queue_depth(&self) -> HashMap<ModeId, u64> {
         let Some(outbox) = self.outbox() else {
             return HashMap::new();
         };
         match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.pending_commands()).await {
-            Ok(Ok(m)) => m,
+            Ok(Ok(m)) => m.into_iter().map(|(id, n)| (ModeId(id), n)).collect(),
             _ => HashMap::new(),
         }
     }
 
     /// The outbox's backlog per device, or why it could not be read.
-    pub async fn depth(&self) -> Result<HashMap<u64, DeviceDepth>, String> {
+    pub async fn depth(&self) -> Result<HashMap<ModeId, DeviceDepth>, String> {
         let Some(outbox) = self.outbox() else {
             return Err("hub stopping".into());
         };
         match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.depth()).await {
-            Ok(Ok(d)) => Ok(d),
+            Ok(Ok(d)) => Ok(d.into_iter().map(|(id, x)| (ModeId(id), x)).collect()),
             Ok(Err(e)) => Err(format!("cannot read the outbox: {e}")),
             Err(_) => Err(format!(
                 "the outbox writer did not answer within {} s (stuck commit or disk)",

@@ -45,7 +45,7 @@ async fn index() -> Response {
 #[derive(Debug, Serialize)]
 pub struct PageDevice {
     pub name: String,
-    pub mode_id: u64,
+    pub mode_id: crate::local::ModeId,
     pub home_id: Option<u64>,
     pub transport: String,
     pub local_connections: usize,
@@ -98,7 +98,7 @@ pub async fn page_data(ctx: &OpsContext) -> PageData {
                     });
                 }
             }
-            let (per_minute, last) = ctx.metrics().activity.last_hour(d.mode_id, now);
+            let (per_minute, last) = ctx.metrics().activity.last_hour(d.mode_id.get(), now);
             let pace = view
                 .uplinks
                 .iter()

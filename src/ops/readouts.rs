@@ -16,7 +16,7 @@ impl Hub {
         self.uplink_status()
             .iter()
             .map(|u| {
-                let d = depth.get(&u.mode_id).cloned().unwrap_or_default();
+                let d = depth.get(&u.mode_id.get()).cloned().unwrap_or_default();
                 let hold = u.hold();
                 let rate = u.pace.rate_per_minute();
                 // Expected: what the device may send, within its fair share of the hub's budget
@@ -65,7 +65,7 @@ impl Hub {
                 let (rows, bytes) = status
                     .devices
                     .iter()
-                    .filter_map(|d| depth.get(d))
+                    .filter_map(|d| depth.get(&d.get()))
                     .fold((0, 0), |(r, b), d| (r + d.rows, b + d.bytes));
                 HomeReport {
                     status,

@@ -185,7 +185,7 @@ impl Downlink {
             };
             // Test hook: a test can hold this device's path, as slow storage or a port would.
             #[cfg(test)]
-            tests::gate(self.generation().registry.get(dev).mode_id).await;
+            tests::gate(self.generation().registry.get(dev).mode_id.get()).await;
             match work {
                 Work::Command(payload, listening) => self.command(listening, dev, payload).await,
                 Work::Kv(payload, listening, done) => {

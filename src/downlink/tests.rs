@@ -78,8 +78,8 @@ async fn a_device_whose_path_is_stuck_does_not_hold_up_another() {
     let cfg = Config::parse(&text, dir.path()).unwrap();
     let registry = Registry::from_config(&cfg);
     let (slow, quick) = (DeviceId(0), DeviceId(1));
-    assert_eq!(registry.get(slow).mode_id, SLOW);
-    assert_eq!(registry.get(quick).mode_id, QUICK);
+    assert_eq!(registry.get(slow).mode_id.get(), SLOW);
+    assert_eq!(registry.get(quick).mode_id.get(), QUICK);
 
     let metrics = Arc::new(Metrics::default());
     let (outbox, _writer) = Outbox::open(dir.path(), false, Arc::new(|_| {})).unwrap();

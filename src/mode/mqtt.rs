@@ -334,7 +334,12 @@ impl Session {
                     rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
                 ))) => {
                     let limit = self.max_downlink;
-                    if self.kv_sub.granted && !self.kv_seen {
+                    // The kv subscription granted, or still waiting for its SUBACK: rumqttc may
+                    // fail on the oversized reload that follows the SUBACK in the same read,
+                    // before it hands us the SUBACK itself.
+                    let kv_asked =
+                        self.kv_sub.granted || self.subs_by_pkid.values().any(|s| *s == Sub::Kv);
+                    if kv_asked && !self.kv_seen {
                         // The reload (the whole store in one publish) does not fit. Reconnecting
                         // would get the same reload again: leave kv off for a while instead.
                         self.kv.reloads_too_large.fetch_add(1, Relaxed);

@@ -13,6 +13,10 @@ use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The address of the client of one ops connection (axum's `ConnectInfo`, filled by `http`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
 /// How long a refused request waits before its `401`.
 const FAILURE_DELAY: Duration = Duration::from_millis(500);
 
@@ -20,7 +24,7 @@ const FAILURE_DELAY: Duration = Duration::from_millis(500);
 pub async fn require_password(password: Secret, req: Request, next: Next) -> Response {
     let local = req
         .extensions()
-        .get::<ConnectInfo<super::http::Peer>>()
+        .get::<ConnectInfo<Peer>>()
         .is_some_and(|c| c.0 .0.ip().is_loopback() || is_mapped_loopback(&c.0 .0));
     if local || presented(&req).is_some_and(|p| password.matches(&p)) {
         return next.run(req).await;

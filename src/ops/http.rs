@@ -70,7 +70,7 @@ pub async fn serve(
         None => app,
     };
     tracker.spawn(async move {
-        let app = app.into_make_service_with_connect_info::<Peer>();
+        let app = app.into_make_service_with_connect_info::<super::auth::Peer>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
@@ -130,13 +130,11 @@ async fn status(State(ctx): State<Arc<OpsContext>>) -> Response {
     }
 }
 
-/// The address of the client of one ops connection (axum's `ConnectInfo` for [`Capped`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Capped>> for Peer {
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Capped>>
+    for super::auth::Peer
+{
     fn connect_info(stream: axum::serve::IncomingStream<'_, Capped>) -> Self {
-        Peer(*stream.remote_addr())
+        super::auth::Peer(*stream.remote_addr())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Opening a port: the builder from the config, why an open failed (said so an operator can fix
 //! it), and the port task's loop of open, session, back off. It must not parse lines.
 
-use super::session::{Noise, Port};
+use super::session::{End, Noise, Port};
 use super::*;
 
 /// Why an open failed, for the operator.
@@ -78,16 +78,6 @@ pub(super) fn builder(cfg: &SerialConfig) -> tokio_serial::SerialPortBuilder {
             FlowControl::Software => F::Software,
             FlowControl::Hardware => F::Hardware,
         })
-}
-
-/// How a session with an open port ended.
-pub(super) enum End {
-    Shutdown,
-    /// `gone`: the port's path had disappeared when the loss was noticed (unplugged).
-    Lost {
-        why: String,
-        gone: bool,
-    },
 }
 
 /// Runs one port until shutdown: opens it (retrying with backoff), reads lines, writes lines.

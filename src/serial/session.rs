@@ -3,9 +3,18 @@
 //! resends), and announces its devices' presence. It must not write to the port itself (the
 //! writer does).
 
-use super::open::End;
 use super::writer::Writer;
 use super::*;
+
+/// How a session with an open port ended.
+pub(super) enum End {
+    Shutdown,
+    /// `gone`: the port's path had disappeared when the loss was noticed (unplugged).
+    Lost {
+        why: String,
+        gone: bool,
+    },
+}
 
 /// Garbage-warning rate limiter for one port.
 #[derive(Default)]

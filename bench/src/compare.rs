@@ -1600,6 +1600,7 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
             fmt_num(res.med(&sys, "rss_idle_mb")),
         );
     }
+    goals_table(&mut s, args, res, hub, scale);
     let _ = writeln!(s, "\n### Every run (for the spread)\n");
     for (sys, runs) in &res.runs {
         let _ = writeln!(s, "- {sys} ({} runs)", runs.len());
@@ -1624,6 +1625,164 @@ fn table(args: &Args, plan: &Plan, res: &Results, hub: &str, scale: &[usize]) ->
         }
     }
     s
+}
+
+/// Issue 12's goals, each as (label, goal, value of a system, x of goal): the figure is computed
+/// for modehub and, with `--baseline`, for the baseline in the same runs. "x of goal" is the
+/// value divided by the goal; a "<=" goal is met at <= 1, a ">=" goal at >= 1.
+fn goals_table(s: &mut String, args: &Args, res: &Results, hub: &str, scale: &[usize]) {
+    let base = format!("modehub@{}", args.baseline_name);
+    let has_base = args.baseline.is_some();
+    // (label, goal as text, higher is better, goal value, figure of a system prefix ("" or "base-"))
+    type Fig<'a> = Box<dyn Fn(&str) -> f64 + 'a>;
+    let sys_name = |p: &str| {
+        if p.is_empty() {
+            hub.to_string()
+        } else {
+            base.clone()
+        }
+    };
+    let largest = scale.iter().copied().max().unwrap_or(1);
+    let per_device = move |p: &str| {
+        let prefix = if p.is_empty() { "scale" } else { "base-scale" };
+        let rss = res.med(&format!("{prefix}-{largest}"), "rss_idle_no_clients_mb");
+        let one = res.med(&format!("{prefix}-1"), "rss_idle_no_clients_mb");
+        if largest > 1 {
+            (rss - one) * 1024.0 / (largest - 1) as f64
+        } else {
+            f64::NAN
+        }
+    };
+    let rows: Vec<(String, &str, bool, f64, Fig)> = vec![
+        (
+            "local ingest vs rumqttd alone".into(),
+            ">= 0.8x",
+            true,
+            0.8,
+            Box::new(|p| {
+                res.med(&sys_name(p), "ingest_per_s") / res.med("rumqttd", "ingest_per_s")
+            }),
+        ),
+        (
+            "end-to-end vs Mosquitto bridge".into(),
+            ">= 1.5x",
+            true,
+            1.5,
+            Box::new(|p| res.med(&sys_name(p), "e2e_per_s") / res.med("mosquitto", "e2e_per_s")),
+        ),
+        (
+            "p99 publish -> cloud at the fixed rate vs Mosquitto".into(),
+            "<= 1.5x",
+            false,
+            1.5,
+            Box::new(|p| res.med(&sys_name(p), "lat_p99_ms") / res.med("mosquitto", "lat_p99_ms")),
+        ),
+        (
+            "CPU per event at the fixed rate vs Mosquitto".into(),
+            "<= 2x",
+            false,
+            2.0,
+            Box::new(|p| {
+                res.med(&sys_name(p), "cpu_per_100k_rate")
+                    / res.med("mosquitto", "cpu_per_100k_rate")
+            }),
+        ),
+        (
+            "disk bytes per event at full speed vs outbox alone".into(),
+            "<= 2x",
+            false,
+            2.0,
+            Box::new(|p| {
+                res.med(&sys_name(p), "disk_per_event") / res.med("outbox", "disk_per_event")
+            }),
+        ),
+        (
+            "disk bytes per event at the fixed rate".into(),
+            "<= 1,000 B",
+            false,
+            1000.0,
+            Box::new(|p| res.med(&sys_name(p), "disk_per_event_rate")),
+        ),
+        (
+            format!("RSS per configured device (1 -> {largest} devices), KB"),
+            "<= 16 KB",
+            false,
+            16.0,
+            Box::new(per_device),
+        ),
+        (
+            "home: disk bytes per event".into(),
+            "<= 1,000 B",
+            false,
+            1000.0,
+            Box::new(|p| res.med(&format!("{}/home", sys_name(p)), "home_disk_per_event")),
+        ),
+        (
+            "home: CPU per event vs Mosquitto".into(),
+            "<= 2x",
+            false,
+            2.0,
+            Box::new(|p| {
+                res.med(&format!("{}/home", sys_name(p)), "home_cpu_ms_per_event")
+                    / res.med("mosquitto/home", "home_cpu_ms_per_event")
+            }),
+        ),
+    ];
+    let _ = writeln!(
+        s,
+        "\n### Against the goals (issue 12; x of goal = value / goal: <= 1 meets a \"<=\" goal, >= 1 a \">=\" goal)\n"
+    );
+    if has_base {
+        let _ = writeln!(
+            s,
+            "| figure | goal | {base} | modehub | modehub, x of goal | met? |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---|");
+    } else {
+        let _ = writeln!(s, "| figure | goal | modehub | modehub, x of goal | met? |");
+        let _ = writeln!(s, "|---|---|---:|---:|---|");
+    }
+    for (label, goal_text, higher, goal, fig) in rows {
+        let v = fig("");
+        let x = v / goal;
+        let met = if !x.is_finite() {
+            "–"
+        } else if (higher && x >= 1.0) || (!higher && x <= 1.0) {
+            "yes"
+        } else {
+            "no"
+        };
+        if has_base {
+            let _ = writeln!(
+                s,
+                "| {label} | {goal_text} | {} | {} | {} | {met} |",
+                fmt_num(fig("base-")),
+                fmt_num(v),
+                fmt_num(x)
+            );
+        } else {
+            let _ = writeln!(
+                s,
+                "| {label} | {goal_text} | {} | {} | {met} |",
+                fmt_num(v),
+                fmt_num(x)
+            );
+        }
+    }
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let _ = write!(
+        s,
+        "\nbinary size: modehub {} B",
+        size(&args.hub_bin).map_or("?".into(), |n| n.to_string())
+    );
+    if let Some(b) = &args.baseline {
+        let _ = write!(
+            s,
+            ", {base} {} B",
+            size(b).map_or("?".into(), |n| n.to_string())
+        );
+    }
+    let _ = writeln!(s);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 pub mod homes;
 pub mod mqtt;
 pub mod rest;
+mod wire;
 
 use crate::config::{MqttEndpoint, Secret, Transport};
 use crate::local::{Kind, KvChange, KvSnapshot, Row};
@@ -214,7 +215,7 @@ impl Session {
         match self {
             Session::Mqtt(s) => {
                 let topic = upstream_message(row, stamping, buf);
-                s.publish(row.id, topic, buf.clone())
+                s.publish(row.id, &topic, buf)
             }
             Session::Rest(s) => s.send(row, stamping),
         }

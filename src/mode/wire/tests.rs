@@ -6,6 +6,7 @@
 use super::*;
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, PubAck, Publish};
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -228,49 +229,63 @@ async fn the_server_closing_is_an_error_not_a_hang() {
     ));
 }
 
-/// Debian's mosquitto as the peer (skipped when it is not installed): subscribe at QoS 0,
-/// publish at QoS 1 to the same topic, get the PUBACK and the message back, then DISCONNECT.
-#[tokio::test]
-async fn against_a_stock_mosquitto() {
+fn mosquitto_bin() -> Option<&'static str> {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists());
-    let Some(bin) = bin else {
+    if bin.is_none() {
         eprintln!("mosquitto is not installed; skipping");
-        return;
-    };
+    }
+    bin
+}
+
+/// Starts mosquitto with `listener` lines (after `listener PORT 127.0.0.1`) and connects to it
+/// as `target` would, retrying while it comes up.
+async fn mosquitto(
+    bin: &str,
+    dir: &std::path::Path,
+    extra: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> (tokio::process::Child, Conn) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("m.conf");
+    let conf = dir.join("m.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\n"),
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}"),
     )
     .unwrap();
-    let mut broker = tokio::process::Command::new(bin)
+    let broker = tokio::process::Command::new(bin)
         .arg("-c")
         .arg(&conf)
         .kill_on_drop(true)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut opened = None;
+    let t = Target {
+        tls,
+        ..target(port)
+    };
+    let mut last = None;
     for _ in 0..100 {
         let mut c = Connect::new("modehub-wire-test");
         c.keep_alive = 5;
-        match Conn::open(&target(port), &c, limits(5_000)).await {
-            Ok(x) => {
-                opened = Some(x);
-                break;
+        match Conn::open(&t, &c, limits(5_000)).await {
+            Ok((conn, ack)) => {
+                assert_eq!(ack.code, ConnectReturnCode::Success);
+                return (broker, conn);
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => last = Some(e),
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (mut conn, ack) = opened.expect("mosquitto did not come up");
-    assert_eq!(ack.code, ConnectReturnCode::Success);
+    panic!("cannot connect to mosquitto: {last:?}");
+}
+
+/// Subscribe at QoS 0, publish at QoS 1 to the same topic, get the PUBACK and the message back.
+async fn round_trip(conn: &mut Conn) {
     let mut sub = Subscribe::new("t/1", QoS::AtMostOnce);
     sub.pkid = 1;
     conn.send(&Packet::Subscribe(sub)).unwrap();
@@ -296,6 +311,58 @@ async fn against_a_stock_mosquitto() {
             Ok(Ok(other)) => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// Debian's mosquitto as the peer (skipped when it is not installed).
+#[tokio::test]
+async fn against_a_stock_mosquitto() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, mut conn) = mosquitto(bin, dir.path(), "", None).await;
+    round_trip(&mut conn).await;
+    conn.close().await;
+    let _ = broker.kill().await;
+}
+
+/// The same over TLS (`mqtts://`), with a CA made by `openssl` for the test (skipped when
+/// mosquitto or openssl is missing). The server's files are readable by all: mosquitto started
+/// as root reads them as its own user.
+#[tokio::test]
+async fn against_a_stock_mosquitto_over_tls() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = format!(
+        "cd {} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout ca.key -out ca.pem -subj /CN=test-ca -days 2 && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key \
+         -out srv.csr -subj /CN=127.0.0.1 && \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \
+         -days 2 -extfile ext && chmod 755 . && chmod 644 srv.pem srv.key",
+        d.display()
+    );
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&sh)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("openssl could not make a test CA; skipping");
+        return;
+    }
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let extra = format!("certfile {0}/srv.pem\nkeyfile {0}/srv.key\n", d.display());
+    let (mut broker, mut conn) = mosquitto(bin, d, &extra, Some(Arc::new(cfg))).await;
+    round_trip(&mut conn).await;
     conn.close().await;
     let _ = broker.kill().await;
 }

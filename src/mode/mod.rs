@@ -9,6 +9,7 @@
 pub mod homes;
 pub mod mqtt;
 pub mod rest;
+mod wire;
 
 use crate::config::{MqttEndpoint, Secret, Transport};
 use crate::local::{Kind, KvChange, KvSnapshot, Row};
@@ -161,12 +162,15 @@ impl Session {
         key: &Secret,
         kv: &Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
+        // The connect futures (TCP, TLS and WebSocket handshakes, HTTP requests) are kilobytes
+        // big and needed once per session: boxed, they do not make every device's uplink task
+        // that big for as long as it lives (issue 12).
         match cfg.transport {
             Transport::Mqtt => Ok(Session::Mqtt(Box::new(
-                mqtt::Session::connect(cfg, mode_id, key, Arc::clone(kv)).await?,
+                Box::pin(mqtt::Session::connect(cfg, mode_id, key, Arc::clone(kv))).await?,
             ))),
             Transport::Rest => Ok(Session::Rest(Box::new(
-                rest::Session::connect(cfg, mode_id, key, Arc::clone(kv)).await?,
+                Box::pin(rest::Session::connect(cfg, mode_id, key, Arc::clone(kv))).await?,
             ))),
         }
     }
@@ -214,7 +218,7 @@ impl Session {
         match self {
             Session::Mqtt(s) => {
                 let topic = upstream_message(row, stamping, buf);
-                s.publish(row.id, topic, buf.clone())
+                s.publish(row.id, &topic, buf)
             }
             Session::Rest(s) => s.send(row, stamping),
         }
@@ -230,9 +234,10 @@ impl Session {
 
     /// Says goodbye politely (best effort, bounded).
     pub async fn close(self) {
+        // Boxed for the same reason as the connect futures.
         match self {
-            Session::Mqtt(s) => s.close().await,
-            Session::Rest(s) => s.close().await,
+            Session::Mqtt(s) => Box::pin(s.close()).await,
+            Session::Rest(s) => Box::pin(s.close()).await,
         }
     }
 }
@@ -483,5 +488,52 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, br#"{"action":"delete","key":"k1"}"#);
+    }
+}
+/// What every device's uplink task holds for as long as it lives (issue 12): the futures of
+/// `Session`'s methods are stored inline in it, so the big ones must stay boxed.
+#[cfg(test)]
+mod future_sizes {
+    use super::*;
+
+    fn ret<'a, T: 'a, F>(_: fn(&'a mut T) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn own<T, F>(_: fn(T) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn session_futures_stay_small() {
+        let cfg = SessionConfig {
+            transport: Transport::Mqtt,
+            mqtt: MqttEndpoint {
+                host: "127.0.0.1".into(),
+                port: 1,
+                tls: false,
+                ws_path: None,
+            },
+            api_url: "http://127.0.0.1:1".into(),
+            keepalive: Duration::from_secs(30),
+            inflight: 32,
+            max_packet: 10_000,
+            max_downlink_packet: 100_000,
+            stamping: Stamping::default(),
+        };
+        let key = Secret::new("k");
+        let kv = Arc::new(KvHealth::default());
+        let connect = Session::connect(&cfg, crate::local::ModeId(1), &key, &kv);
+        // Unboxed, the TCP/TLS/WebSocket and HTTP handshakes make this ~10 KB in a debug build.
+        assert!(
+            std::mem::size_of_val(&connect) <= 256,
+            "{}",
+            std::mem::size_of_val(&connect)
+        );
+        drop(connect);
+        let close = own::<Session, _>(|s| s.close());
+        assert!(close <= 256, "{close}");
+        let next = ret::<Session, _>(|s| s.next());
+        assert!(next <= 1024, "{next}");
     }
 }

@@ -1,10 +1,11 @@
-//! One device's MQTT session with MODE (rumqttc): log in as the device, publish at QoS 1,
-//! report which outbox rows MODE acknowledged, and hand over what MODE sends down.
+//! One device's MQTT session with MODE (on the lean client in [`super::wire`]): log in as the
+//! device, publish at QoS 1, report which outbox rows MODE acknowledged, and hand over what MODE
+//! sends down.
 //!
 //! MODE wants MQTT 3.1.1, an empty client ID, a clean session, username = device ID and
 //! password = device API key; devices publish at QoS 0/1 and subscribe at QoS 0 only. A session
 //! object lives for exactly one network connection: when it ends, the caller drops it and makes a
-//! new one, so nothing queued inside rumqttc is ever replayed behind the outbox's back. This
+//! new one, so nothing queued inside the client is ever replayed behind the outbox's back. This
 //! module must not decide *what* to send or when to retry: that is the uplink's job.
 //!
 //! The connection runs over TCP (`mqtt://`), TLS (`mqtts://`) or WebSocket (`ws://`, `wss://`,
@@ -14,14 +15,12 @@
 //! the downlink packet limit ends the session once, and the next sessions leave kv off for a
 //! while instead of reconnecting into the same reload again.
 
+use super::wire::{self, Conn, Connect, Event, Limits, Login, Packet, QoS, Subscribe, WireError};
 use super::{ConnectError, KvHealth, SessionConfig, SessionEvent};
 use crate::config::Secret;
 
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
-    Packet, QoS, StateError, TlsConfiguration, Transport,
-};
-use std::collections::{HashMap, VecDeque};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, PubAck, PubComp, PubRec, SubscribeReasonCode};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -50,20 +49,18 @@ struct SubState {
     retry_at: Option<Instant>,
     /// The wait before the next retry after a refusal.
     backoff: Option<Duration>,
+    /// The SUBSCRIBE's packet id while its SUBACK is awaited.
+    awaiting: Option<u16>,
 }
 
 pub struct Session {
-    client: AsyncClient,
-    eventloop: EventLoop,
+    conn: Conn,
     mode_id: crate::local::ModeId,
-    /// Rows handed to rumqttc, not yet given a packet id (rumqttc sends in order).
-    unsent: VecDeque<i64>,
-    /// Packet id -> outbox row, for publishes awaiting PUBACK.
-    by_pkid: HashMap<u16, i64>,
-    /// Subscriptions handed to rumqttc, not yet given a packet id (in order).
-    subs_unsent: VecDeque<Sub>,
-    /// Packet id -> subscription, awaiting SUBACK.
-    subs_by_pkid: HashMap<u16, Sub>,
+    /// (packet id, outbox row) of publishes awaiting PUBACK, in the order sent (empty, no
+    /// allocation, when idle).
+    in_flight: VecDeque<(u16, i64)>,
+    /// The last packet id handed out.
+    last_pkid: u16,
     command: SubState,
     kv_sub: SubState,
     /// A kv message arrived on this session (so an oversized packet was not the reload).
@@ -84,11 +81,9 @@ fn refused(code: ConnectReturnCode) -> ConnectError {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn tls_config() -> Result<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>, String> {
-    static TLS: OnceLock<Result<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>, String>> =
-        OnceLock::new();
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    static TLS: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     TLS.get_or_init(|| {
-        use rumqttc::tokio_rustls::rustls;
         let mut roots = rustls::RootCertStore::empty();
         let found = rustls_native_certs::load_native_certs();
         for cert in found.certs {
@@ -118,75 +113,49 @@ impl Session {
         key: &Secret,
         kv: Arc<KvHealth>,
     ) -> Result<Session, ConnectError> {
-        let host = &cfg.mqtt.host;
-        let mut opts = match &cfg.mqtt.ws_path {
-            // rumqttc takes the whole URL as the "host" of a WebSocket transport.
-            Some(path) => {
-                let h = if host.contains(':') {
-                    format!("[{host}]")
-                } else {
-                    host.clone()
-                };
-                let scheme = if cfg.mqtt.tls { "wss" } else { "ws" };
-                let url = format!("{scheme}://{h}:{}{path}", cfg.mqtt.port);
-                MqttOptions::new("", url, cfg.mqtt.port)
-            }
-            None => MqttOptions::new("", host.clone(), cfg.mqtt.port),
+        let tls = if cfg.mqtt.tls {
+            Some(tls_config().map_err(ConnectError::Transport)?)
+        } else {
+            None
         };
-        opts.set_credentials(mode_id.to_string(), key.expose())
-            .set_clean_session(true)
-            .set_keep_alive(cfg.keepalive)
-            .set_inflight(cfg.inflight.clamp(1, u16::MAX as usize) as u16)
-            .set_max_packet_size(cfg.max_downlink_packet.max(cfg.max_packet), cfg.max_packet)
-            .set_request_channel_capacity(cfg.inflight + 8);
-        match (cfg.mqtt.ws_path.is_some(), cfg.mqtt.tls) {
-            (false, false) => {}
-            (false, true) => {
-                let tls = tls_config().map_err(ConnectError::Transport)?;
-                opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-            }
-            (true, false) => {
-                opts.set_transport(Transport::Ws);
-            }
-            (true, true) => {
-                let tls = tls_config().map_err(ConnectError::Transport)?;
-                opts.set_transport(Transport::wss_with_config(TlsConfiguration::Rustls(tls)));
-            }
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, cfg.inflight + 8);
-        // rumqttc reserves room for 100 buffered events (144 B each, 14 KiB) per session; an
-        // idle device needs a handful. Let it grow on demand instead: with 1,000 configured
-        // devices that is 14 MB less (issue 12; docs/BENCHMARKS.md).
-        eventloop.state.events = VecDeque::new();
-        let mut net = eventloop.network_options();
-        net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
-        eventloop.set_network_options(net);
-        loop {
-            match tokio::time::timeout(CONNECT_TIMEOUT, eventloop.poll()).await {
-                Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT)),
-                Ok(Err(ConnectionError::ConnectionRefused(code))) => return Err(refused(code)),
-                Ok(Err(e)) => return Err(ConnectError::Transport(e.to_string())),
-                Ok(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
-                    if ack.code != ConnectReturnCode::Success {
-                        return Err(refused(ack.code));
-                    }
-                    break;
-                }
-                Ok(Ok(_)) => {}
-            }
+        let target = wire::Target {
+            host: cfg.mqtt.host.clone(),
+            port: cfg.mqtt.port,
+            tls,
+            ws_path: cfg.mqtt.ws_path.clone(),
+        };
+        let mut connect = Connect::new("");
+        connect.keep_alive = cfg.keepalive.as_secs().min(u16::MAX as u64) as u16;
+        connect.clean_session = true;
+        connect.login = Some(Login::new(mode_id.to_string(), key.expose()));
+        let max_downlink = cfg.max_downlink_packet.max(cfg.max_packet);
+        let limits = Limits {
+            max_incoming: max_downlink,
+            max_outgoing: cfg.max_packet,
+            keepalive: cfg.keepalive,
+        };
+        let (conn, ack) = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Conn::open(&target, &connect, limits),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnectError::Timeout(CONNECT_TIMEOUT)),
+            Ok(Err(e)) => return Err(ConnectError::Transport(e.to_string())),
+            Ok(Ok(c)) => c,
+        };
+        if ack.code != ConnectReturnCode::Success {
+            return Err(refused(ack.code));
         }
         let mut s = Session {
-            client,
-            eventloop,
+            conn,
             mode_id,
-            unsent: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            subs_unsent: VecDeque::new(),
-            subs_by_pkid: HashMap::new(),
+            in_flight: VecDeque::new(),
+            last_pkid: 0,
             command: SubState::default(),
             kv_sub: SubState::default(),
             kv_seen: false,
-            max_downlink: cfg.max_downlink_packet.max(cfg.max_packet),
+            max_downlink,
             kv,
         };
         s.subscribe(Sub::Command)
@@ -201,13 +170,29 @@ impl Session {
         Ok(s)
     }
 
-    fn subscribe(&mut self, sub: Sub) -> Result<(), rumqttc::ClientError> {
+    /// A packet id not in use on this session.
+    fn pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            let id = self.last_pkid;
+            let busy = self.in_flight.iter().any(|(p, _)| *p == id)
+                || self.command.awaiting == Some(id)
+                || self.kv_sub.awaiting == Some(id);
+            if !busy {
+                return id;
+            }
+        }
+    }
+
+    fn subscribe(&mut self, sub: Sub) -> Result<(), WireError> {
         let topic = match sub {
             Sub::Command => super::command_topic(self.mode_id),
             Sub::Kv => super::kv_topic(self.mode_id),
         };
-        self.client.try_subscribe(topic, QoS::AtMostOnce)?;
-        self.subs_unsent.push_back(sub);
+        let mut packet = Subscribe::new(topic, QoS::AtMostOnce);
+        packet.pkid = self.pkid();
+        self.conn.send(&Packet::Subscribe(packet.clone()))?;
+        self.sub_state(sub).awaiting = Some(packet.pkid);
         Ok(())
     }
 
@@ -222,6 +207,7 @@ impl Session {
     fn suback(&mut self, sub: Sub, ok: bool) {
         let mode_id = self.mode_id;
         let st = self.sub_state(sub);
+        st.awaiting = None;
         if ok {
             st.granted = true;
             st.backoff = None;
@@ -260,26 +246,37 @@ impl Session {
 
     /// Number of publishes not yet acknowledged.
     pub fn in_flight(&self) -> usize {
-        self.unsent.len() + self.by_pkid.len()
+        self.in_flight.len()
     }
 
-    /// Queues a QoS 1 publish of outbox row `row_id`. Never blocks: the caller keeps the window
-    /// below `SessionConfig::inflight`.
-    pub fn publish(&mut self, row_id: i64, topic: String, payload: Vec<u8>) -> Result<(), String> {
-        self.client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .map_err(|e| format!("cannot queue publish: {e}"))?;
-        self.unsent.push_back(row_id);
+    /// Queues a QoS 1 publish of outbox row `row_id` (written out by [`Session::next`]). Never
+    /// blocks: the caller keeps the window below `SessionConfig::inflight`.
+    pub fn publish(&mut self, row_id: i64, topic: &str, payload: &[u8]) -> Result<(), String> {
+        let pkid = self.pkid();
+        self.conn
+            .send_publish_qos1(pkid, topic, payload)
+            .map_err(|e| format!("cannot send row {row_id}: {e}"))?;
+        self.in_flight.push_back((pkid, row_id));
         Ok(())
     }
 
-    /// Drives the connection until something the caller cares about happens.
+    /// MODE acknowledged packet `pkid`: the row it carried.
+    fn puback(&mut self, pkid: u16) -> Option<i64> {
+        let at = self.in_flight.iter().position(|(p, _)| *p == pkid)?;
+        let row = self.in_flight.remove(at).map(|(_, row)| row);
+        if self.in_flight.is_empty() && self.in_flight.capacity() > 64 {
+            // A replay's window: an idle device holds none of it.
+            self.in_flight = VecDeque::new();
+        }
+        row
+    }
+
+    /// Drives the connection until something the caller cares about happens. Cancel-safe.
     pub async fn next(&mut self) -> SessionEvent {
         loop {
-            let retry = self.next_retry();
-            let polled = tokio::select! {
-                r = self.eventloop.poll() => r,
-                _ = async { tokio::time::sleep_until(retry.expect("guarded")).await }, if retry.is_some() => {
+            let packet = match self.conn.next(self.next_retry()).await {
+                Ok(Event::Packet(p)) => p,
+                Ok(Event::Deadline) => {
                     let now = Instant::now();
                     for sub in [Sub::Command, Sub::Kv] {
                         if self.sub_state(sub).retry_at.is_some_and(|t| t <= now) {
@@ -291,24 +288,26 @@ impl Session {
                     }
                     continue;
                 }
+                Err(WireError::TooLarge { size, .. }) => return self.oversized(size),
+                Err(e) => return SessionEvent::Closed(e.to_string()),
             };
-            match polled {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(row) = self.unsent.pop_front() {
-                        self.by_pkid.insert(pkid, row);
-                    }
-                }
-                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                    if let Some(sub) = self.subs_unsent.pop_front() {
-                        self.subs_by_pkid.insert(pkid, sub);
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(row) = self.by_pkid.remove(&ack.pkid) {
+            match packet {
+                Packet::PubAck(ack) => {
+                    if let Some(row) = self.puback(ack.pkid) {
                         return SessionEvent::Acked(row);
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Packet::Publish(p) => {
+                    // Subscriptions are QoS 0; should MODE deliver at QoS 1 or 2 anyway, answer
+                    // as MQTT wants (a repeated QoS 2 delivery may then be passed on twice).
+                    let answer = match p.qos {
+                        QoS::AtMostOnce => Ok(()),
+                        QoS::AtLeastOnce => self.conn.send(&Packet::PubAck(PubAck::new(p.pkid))),
+                        QoS::ExactlyOnce => self.conn.send(&Packet::PubRec(PubRec::new(p.pkid))),
+                    };
+                    if let Err(e) = answer {
+                        return SessionEvent::Closed(e.to_string());
+                    }
                     if p.topic.ends_with("/command") {
                         return SessionEvent::Command(p.payload);
                     } else if p.topic.ends_with("/kv") {
@@ -320,50 +319,58 @@ impl Session {
                     }
                     tracing::debug!(topic = %p.topic, "ignoring unexpected publish from MODE");
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if let Some(sub) = self.subs_by_pkid.remove(&ack.pkid) {
+                Packet::PubRel(rel) => {
+                    if let Err(e) = self.conn.send(&Packet::PubComp(PubComp::new(rel.pkid))) {
+                        return SessionEvent::Closed(e.to_string());
+                    }
+                }
+                Packet::SubAck(ack) => {
+                    let sub = [Sub::Command, Sub::Kv]
+                        .into_iter()
+                        .find(|s| self.sub_state(*s).awaiting == Some(ack.pkid));
+                    if let Some(sub) = sub {
                         let ok = !ack
                             .return_codes
                             .iter()
-                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                            .any(|c| matches!(c, SubscribeReasonCode::Failure));
                         self.suback(sub, ok);
                     }
                 }
-                Ok(_) => {}
-                Err(ConnectionError::MqttState(StateError::Deserialization(
-                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
-                ))) => {
-                    let limit = self.max_downlink;
-                    // The kv subscription granted, or still waiting for its SUBACK: rumqttc may
-                    // fail on the oversized reload that follows the SUBACK in the same read,
-                    // before it hands us the SUBACK itself.
-                    let kv_asked =
-                        self.kv_sub.granted || self.subs_by_pkid.values().any(|s| *s == Sub::Kv);
-                    if kv_asked && !self.kv_seen {
-                        // The reload (the whole store in one publish) does not fit. Reconnecting
-                        // would get the same reload again: leave kv off for a while instead.
-                        self.kv.reloads_too_large.fetch_add(1, Relaxed);
-                        self.kv.skip_for(KV_OFF_AFTER_OVERSIZE);
-                        self.kv.set_problem(self.mode_id, format!(
-                            "MODE's kv reload ({size} bytes) is over the downlink packet limit ({limit} bytes, cloud.max_downlink_packet_bytes); kv off for {KV_OFF_AFTER_OVERSIZE:?}"));
-                    } else {
-                        tracing::warn!(device = self.mode_id.get(), size, limit, "MODE sent a packet over the downlink packet limit; reconnecting without it");
-                    }
-                    return SessionEvent::Closed(format!(
-                        "MODE sent a packet of {size} bytes, over the downlink limit of {limit}"
-                    ));
+                Packet::Disconnect => {
+                    return SessionEvent::Closed("MODE closed the connection".into())
                 }
-                Err(e) => return SessionEvent::Closed(e.to_string()),
+                _ => {}
             }
         }
     }
 
+    /// MODE sent a packet over the downlink limit: the session ends; when it was the kv
+    /// reload, kv is left off for a while (reconnecting would get the same reload again).
+    fn oversized(&mut self, size: usize) -> SessionEvent {
+        let limit = self.max_downlink;
+        // The kv subscription granted, or still waiting for its SUBACK.
+        let kv_asked = self.kv_sub.granted || self.kv_sub.awaiting.is_some();
+        if kv_asked && !self.kv_seen {
+            // The reload (the whole store in one publish) does not fit.
+            self.kv.reloads_too_large.fetch_add(1, Relaxed);
+            self.kv.skip_for(KV_OFF_AFTER_OVERSIZE);
+            self.kv.set_problem(self.mode_id, format!(
+                "MODE's kv reload ({size} bytes) is over the downlink packet limit ({limit} bytes, cloud.max_downlink_packet_bytes); kv off for {KV_OFF_AFTER_OVERSIZE:?}"));
+        } else {
+            tracing::warn!(
+                device = self.mode_id.get(),
+                size,
+                limit,
+                "MODE sent a packet over the downlink packet limit; reconnecting without it"
+            );
+        }
+        SessionEvent::Closed(format!(
+            "MODE sent a packet of {size} bytes, over the downlink limit of {limit}"
+        ))
+    }
+
     /// Says goodbye politely (best effort, bounded).
-    pub async fn close(mut self) {
-        let _ = self.client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while self.eventloop.poll().await.is_ok() {}
-        })
-        .await;
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.conn.close()).await;
     }
 }

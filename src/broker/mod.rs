@@ -16,6 +16,7 @@
 //! rumqttd carries what goes down to devices: the hub publishes commands and kv updates through
 //! an in-process link. This module must not validate payloads (the router does) or know MODE.
 
+mod acks;
 mod codec;
 mod guard;
 mod relay;

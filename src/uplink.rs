@@ -391,14 +391,16 @@ impl DeviceUplink {
                     };
                     // A live row whose tokens are both there goes now, without a boxed permit
                     // and a trip through the select (issue 12: one allocation per event less).
-                    if class == Class::Live
-                        && self.pace.wait().is_zero()
-                        && self.pacer.try_live()
-                    {
+                    if class == Class::Live && self.pace.wait().is_zero() && self.pacer.try_live() {
                         if let Some(row) = ready.pop_front() {
-                            if let Err(e) = self.send_now(&mut session, row, retain, &mut sent, &mut buf) {
+                            if let Err(e) =
+                                self.send_now(&mut session, row, retain, &mut sent, &mut buf)
+                            {
                                 session.close().await;
-                                return Ended { reason: e, remote: false };
+                                return Ended {
+                                    reason: e,
+                                    remote: false,
+                                };
                             }
                         }
                         continue;

@@ -86,7 +86,11 @@ mod tests {
         // Nothing is due before the first commit, not even the entry that needs none.
         assert_eq!(acks.next_ready(), None);
         c2.send(Ok(())).unwrap();
-        assert_eq!(acks.next_ready(), None, "a later commit does not jump the line");
+        assert_eq!(
+            acks.next_ready(),
+            None,
+            "a later commit does not jump the line"
+        );
         c1.send(Ok(())).unwrap();
         assert_eq!(acks.next().await, Some((1, true)));
         assert_eq!(acks.next_ready(), Some((2, true)));

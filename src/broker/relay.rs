@@ -53,10 +53,7 @@ enum Ended {
 }
 
 /// Sends the PUBACKs of everything already committed (best effort: the client may be gone).
-async fn flush_acks<S: AsyncRead + AsyncWrite + Unpin>(
-    acks: &mut Acks,
-    client: &mut Client<S>,
-) {
+async fn flush_acks<S: AsyncRead + AsyncWrite + Unpin>(acks: &mut Acks, client: &mut Client<S>) {
     while let Some((pkid, ok)) = acks.next().await {
         if !ok {
             return;

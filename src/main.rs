@@ -137,18 +137,26 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Two async workers by default (SQLite has its own threads). MODEHUB_WORKER_THREADS sets
-    // another count; see docs/BENCHMARKS.md for what 1 vs 2 costs.
+    // One thread for all async work by default (SQLite has its own threads): every event
+    // crosses between threads only to the outbox writer and back. With two workers each event
+    // also woke the idle worker (work stealing) and moved the I/O driver between them: ~11
+    // context switches per event at home rates instead of ~7 (issue 12, docs/BENCHMARKS.md).
+    // MODEHUB_WORKER_THREADS=N (N >= 1) runs N workers instead (a hub with many busy serial
+    // ports or a multi-core box under heavy load may want that).
     let workers = std::env::var("MODEHUB_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(2);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+        .filter(|n| *n > 0);
+    let built = match workers {
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

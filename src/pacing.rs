@@ -161,6 +161,12 @@ impl Pacer {
         b.try_take(Instant::now(), keep)
     }
 
+    /// Takes a live hub-wide token if one is there now (what [`Pacer::acquire`] with
+    /// [`Class::Live`] would return at once), without a future: the uplink's path per event.
+    pub fn try_live(&self) -> bool {
+        self.try_take(0.0).is_ok()
+    }
+
     /// Waits for a hub-wide token. Cancel-safe (nothing is taken until it returns), but a
     /// backlog waiter that is cancelled loses its place in the line.
     pub async fn acquire(&self, class: Class) {

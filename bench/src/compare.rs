@@ -470,13 +470,18 @@ impl Fleet {
                 }
             }));
             clients.push(client);
-            ready.push(rx);
-        }
-        for (i, r) in ready.into_iter().enumerate() {
-            match tokio::time::timeout(Duration::from_secs(20), r).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => bail!("sensor {i} could not connect: {e}"),
-                _ => bail!("sensor {i}: no CONNACK"),
+            ready.push((i, rx));
+            // The hub's front keeps at most 8 connections per peer address waiting for their
+            // login (`max_unauthenticated_per_peer`) and evicts the oldest beyond: every sensor
+            // here comes from 127.0.0.1, so they log in in waves of at most 8.
+            if ready.len() == 8 || i + 1 == logins.len() {
+                for (i, r) in ready.drain(..) {
+                    match tokio::time::timeout(Duration::from_secs(20), r).await {
+                        Ok(Ok(Ok(()))) => {}
+                        Ok(Ok(Err(e))) => bail!("sensor {i} could not connect: {e}"),
+                        _ => bail!("sensor {i}: no CONNACK"),
+                    }
+                }
             }
         }
         Ok(Fleet {

@@ -16,6 +16,7 @@
 //! rumqttd carries what goes down to devices: the hub publishes commands and kv updates through
 //! an in-process link. This module must not validate payloads (the router does) or know MODE.
 
+mod acks;
 mod codec;
 mod guard;
 mod relay;
@@ -438,6 +439,11 @@ async fn accept_loop(
                 _ = shutdown.cancelled() => {}
             }
         });
+        // Let the new connection read its CONNECT and log in before the next accept: a burst
+        // of connections from one host (a gateway, a restart of many sensors behind one
+        // address) would otherwise all be pending at once, and the oldest beyond
+        // `max_unauthenticated_per_peer` evicted before they had a chance.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -7,22 +7,20 @@
 //! the keepalive and the Will, and passes subscriptions and downstream acks to rumqttd. It must
 //! not validate payloads (the router does) nor keep anything per connection once it ends.
 
+use super::acks::Acks;
 use super::codec::FrontCodec;
 use super::guard::{clean, Slot, LOG_FIELD_MAX};
 use super::{Front, Session};
 use crate::local::{next_conn_id, LocalEvent};
 use crate::metrics::RejectReason;
 use crate::registry::{DeviceId, Registry, TopicKind};
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use rumqttc::mqttbytes::v4::{
     Codec, ConnAck, Connect, ConnectReturnCode, LastWill, Packet, PubAck, PubComp, PubRec, Publish,
     SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttc::mqttbytes::{Error as MqttError, QoS};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +39,6 @@ const INTERNAL_PING: Duration = Duration::from_secs(1200);
 /// How long closing the internal connection may take before its id is retired, not reused.
 const INTERNAL_CLOSE: Duration = Duration::from_secs(2);
 
-type AckFuture = Pin<Box<dyn Future<Output = (u16, bool)> + Send>>;
 type Client<S> = Framed<S, FrontCodec>;
 type Broker = Framed<TcpStream, Codec>;
 
@@ -56,10 +53,7 @@ enum Ended {
 }
 
 /// Sends the PUBACKs of everything already committed (best effort: the client may be gone).
-async fn flush_acks<S: AsyncRead + AsyncWrite + Unpin>(
-    acks: &mut FuturesOrdered<AckFuture>,
-    client: &mut Client<S>,
-) {
+async fn flush_acks<S: AsyncRead + AsyncWrite + Unpin>(acks: &mut Acks, client: &mut Client<S>) {
     while let Some((pkid, ok)) = acks.next().await {
         if !ok {
             return;
@@ -403,7 +397,7 @@ impl Front {
         if !self.registry.load().is_live(dev) {
             return (Ended::Reload, true);
         }
-        let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+        let mut acks = Acks::default();
         // SUBSCRIBE packet id -> per filter: the kinds it covers if relayed, None if refused.
         let mut pending_subs: std::collections::HashMap<u16, Vec<Option<&'static [TopicKind]>>> =
             Default::default();
@@ -468,7 +462,7 @@ impl Front {
                         lost!(e.to_string());
                     }
                     // Whatever else the same commit made ready goes out in the same write.
-                    while let Some(Some((pkid, ok))) = acks.next().now_or_never() {
+                    while let Some((pkid, ok)) = acks.next_ready() {
                         if !ok {
                             let _ = client.flush().await;
                             lost!("outbox could not commit; closing so the device resends".into());
@@ -541,7 +535,7 @@ impl Front {
         dev: DeviceId,
         p: &Publish,
         why: &str,
-        acks: &mut FuturesOrdered<AckFuture>,
+        acks: &mut Acks,
         client: &mut Client<S>,
     ) -> Result<(), String>
     where
@@ -557,7 +551,7 @@ impl Front {
             QoS::AtMostOnce => Ok(()),
             // Through the ordered queue, to keep PUBACK order.
             QoS::AtLeastOnce => {
-                acks.push_back(Box::pin(async move { (pkid, true) }));
+                acks.now(pkid);
                 Ok(())
             }
             QoS::ExactlyOnce => client
@@ -572,7 +566,7 @@ impl Front {
         registry: &Registry,
         dev: DeviceId,
         p: Publish,
-        acks: &mut FuturesOrdered<AckFuture>,
+        acks: &mut Acks,
         client: &mut Client<S>,
     ) -> Result<(), String>
     where
@@ -636,9 +630,7 @@ impl Front {
         let qos1 = p.qos == QoS::AtLeastOnce;
         match submitted {
             Ok(waiter) if qos1 => {
-                acks.push_back(Box::pin(async move {
-                    (pkid, matches!(waiter.await, Ok(Ok(()))))
-                }));
+                acks.after_commit(pkid, waiter);
             }
             Ok(_) => {}
             Err(crate::router::Rejected::Storage(e)) => {
@@ -647,7 +639,7 @@ impl Front {
             Err(_) if qos1 => {
                 // MQTT 3.1.1 cannot refuse a single publish; the bad message is counted and
                 // dropped (the router logged why) and acknowledged so the device moves on.
-                acks.push_back(Box::pin(async move { (pkid, true) }));
+                acks.now(pkid);
             }
             Err(_) => {}
         }

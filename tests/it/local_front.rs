@@ -454,6 +454,39 @@ async fn idle_connections_do_not_lock_a_sensor_out() {
     assert!(lines <= 20, "{lines} log lines about idle connections");
 }
 
+/// A burst of logins from one address (a gateway, or sensors behind one NAT reconnecting after
+/// a restart) all get in: the front lets each accepted connection log in before it accepts the
+/// next, so they are not all pending at once, when the oldest beyond
+/// `max_unauthenticated_per_peer` (8) would be evicted before being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_from_one_address_all_get_in() {
+    use nix::sys::signal::{kill, Signal};
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(&emu, dir.path(), 1, "", "").await;
+    let pid = nix::unistd::Pid::from_raw(hub.child.id() as i32);
+    // Stopped, the hub accepts nothing: the kernel queues every connection and its CONNECT,
+    // and the hub finds all of them at once when it goes on.
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let mut raws = Vec::new();
+    for i in 0..24 {
+        let mut raw = Framed::new(TcpStream::connect(hub.addr).await.unwrap(), codec());
+        let mut c = Connect::new(format!("burst-{i}"));
+        c.login = Some(Login::new("dev0", "pw0"));
+        raw.send(Packet::Connect(c)).await.unwrap();
+        raws.push(raw);
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    for (i, raw) in raws.iter_mut().enumerate() {
+        match next(raw).await {
+            Some(Packet::ConnAck(a)) => {
+                assert_eq!(a.code, ConnectReturnCode::Success, "connection {i}")
+            }
+            other => panic!("connection {i}: {other:?} instead of a CONNACK"),
+        }
+    }
+}
+
 /// Item 7: before login a connection cannot make the hub buffer a big packet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prelogin_packets_are_small() {

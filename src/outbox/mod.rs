@@ -4,7 +4,8 @@
 //! arrive on a bounded channel and are handled in *group commits*: whatever is queued when the
 //! thread wakes is written in one transaction (WAL, `synchronous=NORMAL` by default), and only
 //! then is each append answered — that answer is what lets the local front send its PUBACK.
-//! Rows are kept in per-device FIFO order (`id` is AUTOINCREMENT, never reused) and leave only
+//! Rows are kept in per-device FIFO order (`id` is handed out by the writer, increasing, never
+//! reused while the hub runs nor colliding with a dead letter's) and leave only
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.
 //!
 //! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
@@ -21,13 +22,15 @@ mod schema;
 mod seqfloor;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v3;
 mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
 pub use commands::TakenCommands;
 use handoff::{Acked, Handoff, ACK_BATCH};
 pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxReport};
-use schema::{open_db, ROW_OVERHEAD};
+use schema::{load_start, open_db, ROW_OVERHEAD};
 use writer::{Checkpointer, Writer, WAL_KEEP_BYTES};
 
 use rusqlite::params;
@@ -256,17 +259,8 @@ impl Outbox {
         let stats = Arc::new(OutboxStats::default());
         let conn = open_db(&path, opts.sync_full, &stats)?;
         let floor = seqfloor::SeqFloor::load(data_dir);
-        let mut seqs = HashMap::new();
-        {
-            let mut st = conn.prepare("SELECT device, next_seq FROM device_seq")?;
-            let rows = st.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })?;
-            for r in rows {
-                let (d, s) = r?;
-                seqs.insert(d, s);
-            }
-        }
+        let start = load_start(&conn)?;
+        let mut seqs = start.seqs;
         floor.apply(&mut seqs);
         let (rows, bytes): (i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0) FROM outbox",
@@ -294,6 +288,8 @@ impl Outbox {
             dir: data_dir.to_path_buf(),
             opts,
             seqs,
+            stored_seqs: start.stored_seqs,
+            next_id: start.next_id,
             floor,
             notifier,
             stats: stats.clone(),

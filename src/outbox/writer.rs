@@ -139,6 +139,10 @@ pub(super) struct Writer {
     pub(super) opts: OutboxOptions,
     /// Next per-device sequence number.
     pub(super) seqs: HashMap<u64, u64>,
+    /// What `device_seq` holds per device (written only when a device's newest row goes).
+    pub(super) stored_seqs: HashMap<u64, u64>,
+    /// The next row id to hand out.
+    pub(super) next_id: i64,
     /// The sequence numbers' high-water mark outside the database.
     pub(super) floor: super::seqfloor::SeqFloor,
     pub(super) notifier: Notifier,
@@ -342,16 +346,26 @@ impl Writer {
     }
 
     pub(super) fn reload_seqs(&mut self) {
-        let mut seqs = HashMap::new();
-        if let Ok(mut st) = self.conn.prepare("SELECT device, next_seq FROM device_seq") {
-            if let Ok(rows) = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))) {
-                for (d, s) in rows.flatten() {
-                    seqs.insert(d as u64, s as u64);
-                }
+        match super::schema::load_start(&self.conn) {
+            Ok(start) => {
+                let mut seqs = start.seqs;
+                self.floor.apply(&mut seqs);
+                self.seqs = seqs;
+                self.stored_seqs = start.stored_seqs;
+                // Ids are never handed out twice, even those of a failed commit.
+                self.next_id = self.next_id.max(start.next_id);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the sequence numbers; keeping the ones in memory")
             }
         }
-        self.floor.apply(&mut seqs);
-        self.seqs = seqs;
+    }
+
+    fn stored(&mut self, devices: &[u64]) {
+        for d in devices {
+            let next = self.seqs.get(d).copied().unwrap_or(1);
+            self.stored_seqs.insert(*d, next);
+        }
     }
 
     pub(super) fn commit(
@@ -377,11 +391,13 @@ impl Writer {
         let mut rows_delta: i64 = 0;
         let mut bytes_delta: i64 = 0;
         let mut coalesced = 0u64;
+        // Devices whose newest row this commit deletes: `device_seq` must say where they are.
+        let mut seq_store: Vec<u64> = Vec::new();
         {
             let now = now_ms();
             let mut ins = tx.prepare_cached(
-                "INSERT INTO outbox (device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO outbox (id, device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             // A newer change of a key replaces the pending ones: replay sends the fewest
             // messages that give the same final state.
@@ -389,7 +405,6 @@ impl Writer {
                 "DELETE FROM outbox WHERE device = ?1 AND kind != 0 AND key = ?2
                  RETURNING LENGTH(body) + LENGTH(key)",
             )?;
-            let mut seq_touched: Vec<u64> = Vec::new();
             for (rec, _) in appends {
                 if rec.kind != Kind::Event {
                     for len in coalesce
@@ -400,8 +415,11 @@ impl Writer {
                         coalesced += 1;
                     }
                 }
+                let id = self.next_id;
+                self.next_id += 1;
                 let seq = self.seqs.entry(rec.device).or_insert(1);
                 ins.execute(params![
+                    id,
                     rec.device as i64,
                     rec.kind as i64,
                     rec.key,
@@ -416,7 +434,7 @@ impl Writer {
                 self.committed.push((
                     rec.device,
                     (rec.kind == Kind::Event).then(|| Row {
-                        id: tx.last_insert_rowid(),
+                        id,
                         device: rec.device,
                         kind: rec.kind,
                         key: rec.key.clone(),
@@ -428,19 +446,9 @@ impl Writer {
                 rows_delta += 1;
                 bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
                 *seq += 1;
-                if !seq_touched.contains(&rec.device) {
-                    seq_touched.push(rec.device);
-                }
-            }
-            let mut upd = tx.prepare_cached(
-                "INSERT INTO device_seq (device, next_seq) VALUES (?1, ?2)
-                 ON CONFLICT(device) DO UPDATE SET next_seq = excluded.next_seq",
-            )?;
-            for d in seq_touched {
-                upd.execute(params![d as i64, self.seqs[&d] as i64])?;
             }
             let mut del = tx.prepare_cached(
-                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body",
+                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body, dev_seq",
             )?;
             let mut mirror_set = tx.prepare_cached(
                 "INSERT INTO kv_mirror (device, key, value, rev)
@@ -448,10 +456,17 @@ impl Writer {
                  ON CONFLICT(device, key) DO UPDATE SET value = excluded.value",
             )?;
             for id in acks {
-                let gone: Option<(i64, i64, String, String)> = del
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                let gone: Option<(i64, i64, String, String, i64)> = del
+                    .query_row([id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
                     .optional()?;
-                if let Some((device, kind, key, body)) = gone {
+                if let Some((device, kind, key, body, seq)) = gone {
+                    if seq_needs_store(&self.seqs, &self.stored_seqs, device as u64, seq as u64)
+                        && !seq_store.contains(&(device as u64))
+                    {
+                        seq_store.push(device as u64);
+                    }
                     rows_delta -= 1;
                     bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
                     // MODE has it now: the mirror reflects it until MODE says otherwise.
@@ -466,8 +481,10 @@ impl Writer {
                     }
                 }
             }
+            store_seqs(&tx, &self.seqs, &seq_store)?;
         }
         tx.commit()?;
+        self.stored(&seq_store);
         self.stats.kv_coalesced.fetch_add(coalesced, Relaxed);
         add_signed(&self.stats.pending_rows, rows_delta);
         add_signed(&self.stats.pending_bytes, bytes_delta);
@@ -497,17 +514,36 @@ impl Writer {
                 .max((bytes - self.opts.max_bytes as f64 * 0.95) / avg)
                 .ceil()
                 .clamp(1.0, 512.0) as i64;
-            let mut st = self.conn.prepare_cached(
-                "DELETE FROM outbox WHERE id IN
-                   (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
-                 RETURNING LENGTH(body) + LENGTH(key)",
-            )?;
-            let lens: Vec<i64> = st
-                .query_map([excess], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if lens.is_empty() {
+            // The drop and the `device_seq` of a device whose newest row it dropped commit
+            // together.
+            let tx = self.conn.transaction()?;
+            let gone: Vec<(i64, i64, i64)> = {
+                let mut st = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE id IN
+                       (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
+                     RETURNING LENGTH(body) + LENGTH(key), device, dev_seq",
+                )?;
+                let rows = st.query_map([excess], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if gone.is_empty() {
                 break; // only kv state left: keep it
             }
+            let mut seq_store: Vec<u64> = Vec::new();
+            for &(_, d, seq) in &gone {
+                if seq_needs_store(&self.seqs, &self.stored_seqs, d as u64, seq as u64)
+                    && !seq_store.contains(&(d as u64))
+                {
+                    seq_store.push(d as u64);
+                }
+            }
+            store_seqs(&tx, &self.seqs, &seq_store)?;
+            tx.commit()?;
+            for d in &seq_store {
+                let next = self.seqs.get(d).copied().unwrap_or(1);
+                self.stored_seqs.insert(*d, next);
+            }
+            let lens: Vec<i64> = gone.iter().map(|g| g.0).collect();
             dropped += lens.len() as u64;
             add_signed(&self.stats.pending_rows, -(lens.len() as i64));
             add_signed(
@@ -657,6 +693,34 @@ impl Writer {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// After deleting a row of `device` numbered `seq`: when it was the device's newest, the rows
+/// left no longer say where `_seq` goes on, so `device_seq` must (in the same transaction).
+pub(super) fn seq_needs_store(
+    seqs: &HashMap<u64, u64>,
+    stored: &HashMap<u64, u64>,
+    device: u64,
+    seq: u64,
+) -> bool {
+    let next = seqs.get(&device).copied().unwrap_or(1);
+    seq + 1 >= next && stored.get(&device).copied().unwrap_or(0) < next
+}
+
+/// Writes `device_seq` for `devices` inside `tx`; [`Writer::stored`] once it is committed.
+pub(super) fn store_seqs(
+    tx: &Connection,
+    seqs: &HashMap<u64, u64>,
+    devices: &[u64],
+) -> Result<(), OutboxError> {
+    let mut upd = tx.prepare_cached(
+        "INSERT INTO device_seq (device, next_seq) VALUES (?1, ?2)
+         ON CONFLICT(device) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+    )?;
+    for d in devices {
+        upd.execute(params![*d as i64, seqs.get(d).copied().unwrap_or(1) as i64])?;
+    }
+    Ok(())
 }
 
 pub(super) fn add_signed(a: &AtomicU64, delta: i64) {

@@ -114,6 +114,13 @@ pub struct OutboxOptions {
     pub max_rows: u64,
     /// New messages are refused while the data disk has less free space than this.
     pub min_free_disk: u64,
+    /// At low arrival rates the writer holds the first append of a group commit this long for
+    /// more (the commit waiter, so the local PUBACK, waits with it): every commit rewrites a
+    /// few whole pages and every WAL sync a 4 KiB one, so at a few events a second a commit
+    /// per event wrote ~7 KB per event to the card. Zero: commit at once. See
+    /// [`writer::window_for`] for the adaptive rule (short at high rates, ended early for a
+    /// device that waits for its PUBACK before sending again).
+    pub commit_window: std::time::Duration,
 }
 
 impl Default for OutboxOptions {
@@ -123,6 +130,7 @@ impl Default for OutboxOptions {
             max_bytes: 256 * 1024 * 1024,
             max_rows: 2_000_000,
             min_free_disk: 64 * 1024 * 1024,
+            commit_window: std::time::Duration::ZERO,
         }
     }
 }
@@ -294,6 +302,7 @@ impl Outbox {
             notifier,
             stats: stats.clone(),
             dropping: false,
+            pace: writer::Pace::default(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())

@@ -168,7 +168,7 @@ pub(super) fn open_raw(path: &Path, sync_full: bool) -> Result<Connection, rusql
     // and a commit touches a handful of pages whatever its size, so at a few rows per commit
     // small pages write ~4x fewer bytes per event (SD-card wear; docs/BENCHMARKS.md). Must come
     // before WAL mode; it does nothing to an existing database.
-    conn.pragma_update(None, "page_size", 1024)?;
+    conn.pragma_update(None, "page_size", 512)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,

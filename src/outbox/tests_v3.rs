@@ -139,3 +139,79 @@ async fn seq_goes_on_across_restarts_with_device_seq_written_only_on_deletes() {
     drop(ob);
     th.join().unwrap();
 }
+
+#[test]
+fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_closed_loops() {
+    use super::writer::{Pace, SHORT_WINDOW};
+    use std::time::{Duration, Instant};
+    let opts = OutboxOptions {
+        commit_window: Duration::from_secs(2),
+        ..OutboxOptions::default()
+    };
+    let mut pace = Pace::default();
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    // Nothing known yet: a low rate, the whole window.
+    assert_eq!(pace.window_for(&opts, 1, t0), Some(ms(2000)));
+    pace.grouped(1);
+    pace.answered(1, ms(2000));
+    // Device 1 sends again 10 ms after its PUBACK: it waits for each one, so no window...
+    assert_eq!(pace.window_for(&opts, 1, ms(2010)), None);
+    pace.grouped(1);
+    pace.answered(1, ms(2011));
+    // ...but a device heard from long ago gets it.
+    assert_eq!(pace.window_for(&opts, 2, ms(4000)), Some(ms(6000)));
+    pace.grouped(10);
+    // Under load (groups of 2 every 2 ms) the window is the short one.
+    let mut at = 6000;
+    for _ in 0..20 {
+        at += 2;
+        pace.window_for(&opts, 3, ms(at));
+        pace.grouped(2);
+    }
+    assert_eq!(
+        pace.window_for(&opts, 4, ms(at + 2)),
+        Some(ms(at + 2) + SHORT_WINDOW)
+    );
+    // Zero: commit at once, whatever the rate.
+    let zero = OutboxOptions::default();
+    assert_eq!(Pace::default().window_for(&zero, 1, t0), None);
+}
+
+#[tokio::test]
+async fn appends_that_come_during_the_window_share_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OutboxOptions {
+        commit_window: std::time::Duration::from_secs(30),
+        ..OutboxOptions::default()
+    };
+    let (ob, th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
+    let first = ob.submit(rec(1, 0)).await.unwrap();
+    // The writer holds the first append's commit open for more; 63 more fill the group (64
+    // rows end a window early) and all go in one commit.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut waiters = vec![first];
+    for n in 1..64 {
+        waiters.push(ob.submit(rec(100 + n as u64, n)).await.unwrap());
+    }
+    for w in waiters {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        ob.stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Device 1 got its answer just now: it is not held when it sends again, nor is the
+    // commit it joins (a window of 30 s would hang here).
+    ob.append(rec(1, 1)).await.unwrap();
+    assert_eq!(
+        ob.stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    drop(ob);
+    th.join().unwrap();
+}

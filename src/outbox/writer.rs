@@ -26,7 +26,7 @@ pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
 /// load it still checkpoints at every look, as before). At
 /// home rates each checkpoint rewrote the same few pages for two or three events: every 5 s
 /// instead of every 500 ms more than halved the bytes written per event (docs/BENCHMARKS.md).
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
 pub(super) const CHECKPOINT_COMMITS: u64 = 32;
 /// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
 /// start over (16 MiB with 1 KiB pages); below it, checkpoints never block a commit.
@@ -156,6 +156,90 @@ pub(super) struct Writer {
     pub(super) handoff: Arc<Handoff>,
     /// Rows of the current commit for the handoff (`None`: one that must be read back).
     pub(super) committed: Vec<(u64, Option<Row>)>,
+    /// The arrival rate and when each device was last answered, for the commit window.
+    pub(super) pace: Pace,
+}
+
+/// Above this many appends a second (estimated over the last group commits) the window is
+/// [`SHORT_WINDOW`] at most: under load the queue fills while a commit runs and batches by
+/// itself, and the latency budget is a millisecond or two.
+const LOW_RATE: f64 = 50.0;
+pub(super) const SHORT_WINDOW: Duration = Duration::from_millis(1);
+/// A window ends when this many rows are waiting.
+const WINDOW_ROWS: usize = 64;
+/// A device that sends again this soon after its last PUBACK is taken to wait for each PUBACK
+/// (one message in flight): holding its appends would hold it to one message per window, so
+/// its appends end the window (at low rates; at high rates the bound is the short window).
+const CLOSED_LOOP: Duration = Duration::from_millis(50);
+
+/// The commit window's inputs: an estimate of the arrival rate, and when each device last got
+/// its answer.
+#[derive(Default)]
+pub(super) struct Pace {
+    /// Appends per second, smoothed over group commits.
+    rate: f64,
+    /// When the current group's first append came, and the previous group's.
+    first_at: Option<Instant>,
+    prev_first_at: Option<Instant>,
+    /// Whether the current group's window is the long one.
+    long: bool,
+    answered: HashMap<u64, Instant>,
+}
+
+impl Pace {
+    /// Where the window of a group whose first append (of `device`) came at `now` ends;
+    /// `None`: commit at once.
+    pub(super) fn window_for(
+        &mut self,
+        opts: &OutboxOptions,
+        device: u64,
+        now: Instant,
+    ) -> Option<Instant> {
+        self.prev_first_at = self.first_at.replace(now);
+        if opts.commit_window.is_zero() {
+            return None;
+        }
+        self.long = self.rate < LOW_RATE;
+        if self.waits_for_puback(device, now) {
+            return None;
+        }
+        let w = if self.long {
+            opts.commit_window
+        } else {
+            opts.commit_window.min(SHORT_WINDOW)
+        };
+        Some(now + w)
+    }
+
+    /// Whether `device` seems to wait for each PUBACK before sending again (see `CLOSED_LOOP`).
+    pub(super) fn waits_for_puback(&self, device: u64, now: Instant) -> bool {
+        let bound = if self.long { CLOSED_LOOP } else { SHORT_WINDOW };
+        self.answered
+            .get(&device)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= bound)
+    }
+
+    /// A group of `rows` appends is about to be committed.
+    pub(super) fn grouped(&mut self, rows: usize) {
+        // (The rows of the group just closed, over the time since the previous one opened.)
+        let (Some(first), Some(prev)) = (self.first_at, self.prev_first_at) else {
+            return;
+        };
+        let gap = first
+            .saturating_duration_since(prev)
+            .as_secs_f64()
+            .max(1e-4);
+        let now = rows as f64 / gap;
+        self.rate = if self.rate == 0.0 {
+            now
+        } else {
+            0.7 * self.rate + 0.3 * now
+        };
+    }
+
+    pub(super) fn answered(&mut self, device: u64, at: Instant) {
+        self.answered.insert(device, at);
+    }
 }
 
 impl Writer {
@@ -196,17 +280,49 @@ impl Writer {
             self.acked.writer_idle.store(false, Relaxed);
             let Some(first) = first else { break };
             let mut next = Some(first);
-            // Group commit: take everything already queued, up to a bound.
-            while let Some(req) = next.take() {
-                match req {
-                    Req::Append(rec, tx) => appends.push((rec, tx)),
-                    Req::Wake => {}
-                    Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
-                    Req::Job(j) => jobs.push(j),
+            // Group commit: take everything already queued, up to a bound; at low rates wait a
+            // bounded window for more (`window_for`).
+            let mut window: Option<Instant> = None;
+            loop {
+                while let Some(req) = next.take() {
+                    match req {
+                        Req::Append(rec, tx) => {
+                            window = match window {
+                                None if appends.is_empty() => {
+                                    self.pace.window_for(&self.opts, rec.device, Instant::now())
+                                }
+                                w => w.filter(|_| {
+                                    !self.pace.waits_for_puback(rec.device, Instant::now())
+                                }),
+                            };
+                            appends.push((rec, tx));
+                        }
+                        Req::Wake => {}
+                        Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
+                        Req::Job(j) => jobs.push(j),
+                    }
+                    if appends.len() + self.acks.len() < MAX_BATCH {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                if appends.len() + self.acks.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                // A read or a job does not wait for the window, nor does a full batch.
+                let Some(end) = window.filter(|_| {
+                    fetches.is_empty() && jobs.is_empty() && appends.len() < WINDOW_ROWS
+                }) else {
+                    break;
+                };
+                let wait = end.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
                 }
+                match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(Some(req)) => next = Some(req),
+                    // Closed (the next receive ends the loop) or the window is over.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !appends.is_empty() {
+                self.pace.grouped(appends.len());
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));
@@ -259,9 +375,11 @@ impl Writer {
                         }
                         self.handoff.committed(&mut self.committed);
                         touched.clear();
+                        let now = Instant::now();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
                                 touched.push(rec.device);
+                                self.pace.answered(rec.device, now);
                             }
                             let _ = tx.send(Ok(()));
                         }
@@ -405,6 +523,43 @@ impl Writer {
                 "DELETE FROM outbox WHERE device = ?1 AND kind != 0 AND key = ?2
                  RETURNING LENGTH(body) + LENGTH(key)",
             )?;
+            // Acknowledged rows go first: the space they free in the table's and the index's
+            // last pages takes the new rows, so a commit rewrites fewer pages (at home rates,
+            // where each commit deletes the previous one's rows, about half as many).
+            let mut del = tx.prepare_cached(
+                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body, dev_seq",
+            )?;
+            let mut mirror_set = tx.prepare_cached(
+                "INSERT INTO kv_mirror (device, key, value, rev)
+                 SELECT ?1, ?2, ?3, 0 WHERE EXISTS (SELECT 1 FROM kv_state WHERE device = ?1)
+                 ON CONFLICT(device, key) DO UPDATE SET value = excluded.value",
+            )?;
+            for id in acks {
+                let gone: Option<(i64, i64, String, String, i64)> = del
+                    .query_row([id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?;
+                if let Some((device, kind, key, body, seq)) = gone {
+                    if seq_needs_store(&self.seqs, &self.stored_seqs, device as u64, seq as u64)
+                        && !seq_store.contains(&(device as u64))
+                    {
+                        seq_store.push(device as u64);
+                    }
+                    rows_delta -= 1;
+                    bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
+                    // MODE has it now: the mirror reflects it until MODE says otherwise.
+                    match Kind::from_i64(kind) {
+                        Kind::Event => {}
+                        Kind::KvSet => {
+                            mirror_set.execute(params![device, key, Some(body)])?;
+                        }
+                        Kind::KvDelete => {
+                            mirror_set.execute(params![device, key, None::<String>])?;
+                        }
+                    }
+                }
+            }
             for (rec, _) in appends {
                 if rec.kind != Kind::Event {
                     for len in coalesce
@@ -447,40 +602,8 @@ impl Writer {
                 bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
                 *seq += 1;
             }
-            let mut del = tx.prepare_cached(
-                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body, dev_seq",
-            )?;
-            let mut mirror_set = tx.prepare_cached(
-                "INSERT INTO kv_mirror (device, key, value, rev)
-                 SELECT ?1, ?2, ?3, 0 WHERE EXISTS (SELECT 1 FROM kv_state WHERE device = ?1)
-                 ON CONFLICT(device, key) DO UPDATE SET value = excluded.value",
-            )?;
-            for id in acks {
-                let gone: Option<(i64, i64, String, String, i64)> = del
-                    .query_row([id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })
-                    .optional()?;
-                if let Some((device, kind, key, body, seq)) = gone {
-                    if seq_needs_store(&self.seqs, &self.stored_seqs, device as u64, seq as u64)
-                        && !seq_store.contains(&(device as u64))
-                    {
-                        seq_store.push(device as u64);
-                    }
-                    rows_delta -= 1;
-                    bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
-                    // MODE has it now: the mirror reflects it until MODE says otherwise.
-                    match Kind::from_i64(kind) {
-                        Kind::Event => {}
-                        Kind::KvSet => {
-                            mirror_set.execute(params![device, key, Some(body)])?;
-                        }
-                        Kind::KvDelete => {
-                            mirror_set.execute(params![device, key, None::<String>])?;
-                        }
-                    }
-                }
-            }
+            // A device that also got a new row here has it to say where its `_seq` is.
+            seq_store.retain(|d| !appends.iter().any(|(rec, _)| rec.device == *d));
             store_seqs(&tx, &self.seqs, &seq_store)?;
         }
         tx.commit()?;

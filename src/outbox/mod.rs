@@ -2,8 +2,9 @@
 //!
 //! This is the only module that speaks SQL. One writer thread owns the connection; requests
 //! arrive on a bounded channel and are handled in *group commits*: whatever is queued when the
-//! thread wakes is written in one transaction (WAL, `synchronous=NORMAL` by default), and only
-//! then is each append answered — that answer is what lets the local front send its PUBACK.
+//! thread wakes (at low rates, whatever comes within the commit window) is written in one
+//! transaction (WAL, `synchronous=NORMAL` by default), and only then is each append answered —
+//! that answer is what lets the local front send its PUBACK.
 //! Rows are kept in per-device FIFO order (`id` is handed out by the writer, increasing, never
 //! reused while the hub runs nor colliding with a dead letter's) and leave only
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.

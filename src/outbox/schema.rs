@@ -164,10 +164,11 @@ pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {
 pub(super) fn open_raw(path: &Path, sync_full: bool) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    // New databases use 1 KiB pages: every group commit appends each page it touched to the WAL,
-    // and a commit touches a handful of pages whatever its size, so at a few rows per commit
-    // small pages write ~4x fewer bytes per event (SD-card wear; docs/BENCHMARKS.md). Must come
-    // before WAL mode; it does nothing to an existing database.
+    // New databases use 512-byte pages (SQLite's smallest): every group commit appends each
+    // page it touched to the WAL, and a commit touches a handful of pages whatever its size, so
+    // at a few rows per commit small pages write fewer bytes per event (SD-card wear; 1 KiB
+    // pages wrote ~1.3x more at home rates and ~1.8x more at 1,000/s, docs/store-and-forward.md).
+    // Must come before WAL mode; it does nothing to an existing database.
     conn.pragma_update(None, "page_size", 512)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(

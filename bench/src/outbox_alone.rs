@@ -12,7 +12,7 @@
 //! waiting for their commit (a sensor's QoS 1 window), each row fetched and acknowledged after
 //! its commit the way the uplink does, for SECS seconds, with the hub's default commit window
 //! (`hub.commit_window_ms`) unless WINDOW_MS is given; it prints the bytes written, commits per
-//! event, and the mean and worst time from submit to commit.
+//! event, and the time from submit to commit (p50, p99, worst; after a first second of warm-up).
 
 use modehub::outbox::{Capture, Kind, NewRecord, Notifier, Outbox, OutboxOptions};
 use std::collections::VecDeque;
@@ -145,6 +145,7 @@ async fn home(args: Vec<String>) -> anyhow::Result<()> {
     );
     let period = std::time::Duration::from_secs_f64(1.0 / rate);
     let n = (rate * secs) as u64;
+    let warmup = rate as u64;
     let before = write_bytes();
     let commits0 = outbox.stats().commits.load(Ordering::Relaxed);
     // One task per device: its appends in order, each acknowledged after its commit.
@@ -152,19 +153,19 @@ async fn home(args: Vec<String>) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for d in 0..devices {
         let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<(Instant, modehub::outbox::CommitWaiter)>(100);
+            tokio::sync::mpsc::channel::<(u64, Instant, modehub::outbox::CommitWaiter)>(100);
         feeds.push(tx);
         let outbox = outbox.clone();
         tasks.push(tokio::spawn(async move {
             let device = 100_000 + d;
             let mut cursor = 0i64;
-            let (mut waited, mut worst, mut count) = (0f64, 0f64, 0u64);
-            while let Some((at, waiter)) = rx.recv().await {
+            let mut waits = Vec::new();
+            while let Some((i, at, waiter)) = rx.recv().await {
                 waiter.await??;
-                let took = at.elapsed().as_secs_f64();
-                waited += took;
-                worst = worst.max(took);
-                count += 1;
+                // The first second is warm-up (the writer has not seen the rate yet).
+                if i >= warmup {
+                    waits.push(at.elapsed().as_secs_f64());
+                }
                 let rows = match outbox.take_committed(device, cursor, 32) {
                     Some(rows) if !rows.is_empty() => rows,
                     _ => {
@@ -177,7 +178,7 @@ async fn home(args: Vec<String>) -> anyhow::Result<()> {
                     outbox.ack(row.id).await;
                 }
             }
-            anyhow::Ok((waited, worst, count))
+            anyhow::Ok(waits)
         }));
     }
     let start = tokio::time::Instant::now();
@@ -194,28 +195,34 @@ async fn home(args: Vec<String>) -> anyhow::Result<()> {
             })
             .await?;
         feeds[device as usize]
-            .send((Instant::now(), waiter))
+            .send((i, Instant::now(), waiter))
             .await
             .map_err(|_| anyhow::anyhow!("a device task ended early"))?;
     }
     drop(feeds);
-    let (mut waited, mut worst, mut count) = (0f64, 0f64, 0u64);
+    let mut waits = Vec::new();
     for t in tasks {
-        let (w, m, c) = t.await??;
-        waited += w;
-        worst = worst.max(m);
-        count += c;
+        waits.extend(t.await??);
     }
+    waits.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        waits
+            .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+            * 1000.0
+    };
     // Let the last acknowledgements and a checkpoint happen.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let written = write_bytes() - before;
     let commits = outbox.stats().commits.load(Ordering::Relaxed) - commits0;
     println!(
-        "{{\"events\":{n},\"rate\":{rate},\"commit_window_ms\":{window_ms},\"write_bytes\":{written},\"write_bytes_per_event\":{:.1},\"commits_per_event\":{:.3},\"commit_wait_ms_mean\":{:.2},\"commit_wait_ms_max\":{:.2}}}",
+        "{{\"events\":{n},\"rate\":{rate},\"commit_window_ms\":{window_ms},\"write_bytes\":{written},\"write_bytes_per_event\":{:.1},\"commits_per_event\":{:.3},\"commit_wait_ms_p50\":{:.2},\"commit_wait_ms_p99\":{:.2},\"commit_wait_ms_max\":{:.2}}}",
         written as f64 / n.max(1) as f64,
         commits as f64 / n.max(1) as f64,
-        waited * 1000.0 / count.max(1) as f64,
-        worst * 1000.0
+        at(0.5),
+        at(0.99),
+        at(1.0)
     );
     drop(outbox);
     let _ = thread.join();

@@ -162,7 +162,7 @@ pub(super) struct Writer {
     pub(super) pace: Pace,
 }
 
-/// Above this many appends a second (estimated over the last group commits) the window is
+/// Above this many appends a second (counted over the last half second or second) the window is
 /// [`SHORT_WINDOW`] at most: under load the queue fills while a commit runs and batches by
 /// itself, and the latency budget is a millisecond or two.
 const LOW_RATE: f64 = 50.0;
@@ -174,21 +174,40 @@ const WINDOW_ROWS: usize = 64;
 /// its appends end the window (at low rates; at high rates the bound is the short window).
 const CLOSED_LOOP: Duration = Duration::from_millis(50);
 
-/// The commit window's inputs: an estimate of the arrival rate, and when each device last got
-/// its answer.
+/// The commit window's inputs: the arrival rate (appends counted over the current and the
+/// previous [`RATE_BUCKET`]), and when each device last got its answer.
 #[derive(Default)]
 pub(super) struct Pace {
-    /// Appends per second, smoothed over group commits.
-    rate: f64,
-    /// When the current group's first append came, and the previous group's.
-    first_at: Option<Instant>,
-    prev_first_at: Option<Instant>,
+    /// Appends in the current bucket (started at `bucket_at`) and in the one before.
+    current: u64,
+    previous: u64,
+    bucket_at: Option<Instant>,
     /// Whether the current group's window is the long one.
     long: bool,
     answered: HashMap<u64, Instant>,
 }
 
+/// The arrival rate is counted over half-second buckets.
+const RATE_BUCKET: Duration = Duration::from_millis(500);
+
 impl Pace {
+    /// Appends per second over the current and the previous bucket.
+    fn rate(&mut self, now: Instant) -> f64 {
+        let at = *self.bucket_at.get_or_insert(now);
+        let age = now.saturating_duration_since(at);
+        if age >= RATE_BUCKET {
+            self.previous = if age < 2 * RATE_BUCKET {
+                self.current
+            } else {
+                0
+            };
+            self.current = 0;
+            self.bucket_at = Some(now);
+        }
+        let span = RATE_BUCKET + now.saturating_duration_since(self.bucket_at.unwrap_or(now));
+        (self.previous + self.current) as f64 / span.as_secs_f64()
+    }
+
     /// Where the window of a group whose first append (of `device`) came at `now` ends;
     /// `None`: commit at once.
     pub(super) fn window_for(
@@ -197,11 +216,10 @@ impl Pace {
         device: u64,
         now: Instant,
     ) -> Option<Instant> {
-        self.prev_first_at = self.first_at.replace(now);
         if opts.commit_window.is_zero() {
             return None;
         }
-        self.long = self.rate < LOW_RATE;
+        self.long = self.rate(now) < LOW_RATE;
         if self.waits_for_puback(device, now) {
             return None;
         }
@@ -222,21 +240,9 @@ impl Pace {
     }
 
     /// A group of `rows` appends is about to be committed.
-    pub(super) fn grouped(&mut self, rows: usize) {
-        // (The rows of the group just closed, over the time since the previous one opened.)
-        let (Some(first), Some(prev)) = (self.first_at, self.prev_first_at) else {
-            return;
-        };
-        let gap = first
-            .saturating_duration_since(prev)
-            .as_secs_f64()
-            .max(1e-4);
-        let now = rows as f64 / gap;
-        self.rate = if self.rate == 0.0 {
-            now
-        } else {
-            0.7 * self.rate + 0.3 * now
-        };
+    pub(super) fn grouped(&mut self, rows: usize, now: Instant) {
+        self.rate(now);
+        self.current += rows as u64;
     }
 
     pub(super) fn answered(&mut self, device: u64, at: Instant) {
@@ -324,7 +330,7 @@ impl Writer {
                 }
             }
             if !appends.is_empty() {
-                self.pace.grouped(appends.len());
+                self.pace.grouped(appends.len(), Instant::now());
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));

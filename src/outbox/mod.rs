@@ -10,15 +10,18 @@
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.
 //!
 //! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
-//! writer thread with its group commits and the checkpointer), `handoff` (committed rows to the
+//! writer thread with its group commits), `pace` (the commit window's rule), `checkpoint` (the
+//! thread that syncs and checkpoints the WAL), `handoff` (committed rows to the
 //! uplink, acknowledged rows to the writer, without a round trip), `commands` (commands waiting
 //! for a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports
 //! for the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
 
+mod checkpoint;
 mod commands;
 mod handoff;
 mod inspect;
 mod kv;
+mod pace;
 mod schema;
 mod seqfloor;
 #[cfg(test)]
@@ -28,11 +31,12 @@ mod tests_v3;
 mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
+use checkpoint::{Checkpointer, WAL_KEEP_BYTES};
 pub use commands::TakenCommands;
 use handoff::{Acked, Handoff, ACK_BATCH};
 pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxReport};
 use schema::{load_start, open_db, ROW_OVERHEAD};
-use writer::{Checkpointer, Writer, WAL_KEEP_BYTES};
+use writer::Writer;
 
 use rusqlite::params;
 use std::collections::HashMap;
@@ -119,7 +123,7 @@ pub struct OutboxOptions {
     /// more (the commit waiter, so the local PUBACK, waits with it): every commit rewrites a
     /// few whole pages and every WAL sync a 4 KiB one, so at a few events a second a commit
     /// per event wrote ~7 KB per event to the card. Zero: commit at once. See
-    /// [`writer::window_for`] for the adaptive rule (short at high rates, ended early for a
+    /// `pace::Pace::window_for` for the adaptive rule (short at high rates, ended early for a
     /// device that waits for its PUBACK before sending again).
     pub commit_window: std::time::Duration,
 }
@@ -303,7 +307,7 @@ impl Outbox {
             notifier,
             stats: stats.clone(),
             dropping: false,
-            pace: writer::Pace::default(),
+            pace: pace::Pace::default(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())

@@ -142,7 +142,7 @@ async fn seq_goes_on_across_restarts_with_device_seq_written_only_on_deletes() {
 
 #[test]
 fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_closed_loops() {
-    use super::writer::{Pace, SHORT_WINDOW};
+    use super::pace::{Pace, SHORT_WINDOW};
     use std::time::{Duration, Instant};
     let opts = OutboxOptions {
         commit_window: Duration::from_secs(2),
@@ -152,33 +152,39 @@ fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_close
     let t0 = Instant::now();
     let ms = |n: u64| t0 + Duration::from_millis(n);
     // Nothing known yet: a low rate, the whole window.
-    assert_eq!(pace.window_for(&opts, 1, t0), Some(ms(2000)));
+    assert_eq!(pace.window_for(opts.commit_window, 1, t0), Some(ms(2000)));
     pace.grouped(1, ms(2000));
     pace.answered(1, ms(2000));
     // Device 1 sends again 10 ms after its PUBACK: it waits for each one, so no window...
-    assert_eq!(pace.window_for(&opts, 1, ms(2010)), None);
+    assert_eq!(pace.window_for(opts.commit_window, 1, ms(2010)), None);
     pace.grouped(1, ms(2010));
     pace.answered(1, ms(2011));
     // ...but a device heard from long ago gets it.
-    assert_eq!(pace.window_for(&opts, 2, ms(4000)), Some(ms(6000)));
+    assert_eq!(
+        pace.window_for(opts.commit_window, 2, ms(4000)),
+        Some(ms(6000))
+    );
     pace.grouped(10, ms(6000));
     // Under load (groups of 2 every 2 ms) the window is the short one.
     let mut at = 6000;
     for _ in 0..40 {
         at += 2;
-        pace.window_for(&opts, 3, ms(at));
+        pace.window_for(opts.commit_window, 3, ms(at));
         pace.grouped(2, ms(at));
     }
     assert_eq!(
-        pace.window_for(&opts, 4, ms(at + 2)),
+        pace.window_for(opts.commit_window, 4, ms(at + 2)),
         Some(ms(at + 2) + SHORT_WINDOW)
     );
     // Quiet again for a second: the long window.
     at += 1200;
-    assert_eq!(pace.window_for(&opts, 5, ms(at)), Some(ms(at + 2000)));
+    assert_eq!(
+        pace.window_for(opts.commit_window, 5, ms(at)),
+        Some(ms(at + 2000))
+    );
     // Zero: commit at once, whatever the rate.
     let zero = OutboxOptions::default();
-    assert_eq!(Pace::default().window_for(&zero, 1, t0), None);
+    assert_eq!(Pace::default().window_for(zero.commit_window, 1, t0), None);
 }
 
 #[tokio::test]

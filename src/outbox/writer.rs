@@ -1,9 +1,10 @@
-//! The writer thread: owns the connection, turns queued appends and acks into group commits,
-//! keeps the outbox within its bounds and the disk-space floor, and the checkpointer thread that
-//! copies the WAL into the database file beside it. It must not be called except through the
-//! [`super::Outbox`] handle's channel.
+//! The writer thread: owns the connection, turns queued appends and acks into group commits
+//! (holding one open for the commit window, `pace`), keeps the outbox within its bounds and the
+//! disk-space floor. It must not be called except through the [`super::Outbox`] handle's
+//! channel.
 
 use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
+use super::pace::WINDOW_ROWS;
 use super::schema::{free_disk, is_corruption, ROW_OVERHEAD};
 use super::{
     Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, Notifier, OutboxError, OutboxOptions,
@@ -12,128 +13,11 @@ use super::{
 use crate::timing::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
-
-/// How often the checkpointer looks: it makes the commits since its last look durable
-/// (`fdatasync` of the WAL), which keeps a power cut's loss to a fraction of a second.
-pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
-/// How often it copies the WAL into the database file (a checkpoint: two fsyncs and every
-/// touched database page written again), unless `CHECKPOINT_COMMITS` commits come first (under
-/// load it still checkpoints at every look, as before). At home rates each checkpoint rewrote
-/// the same few pages for a few events; the WAL is synced every `SYNC_EVERY` whatever this is,
-/// so a longer cadence costs no durability, only a WAL of a few tens of KB (issue 12: every
-/// 500 ms, then 5 s, now 60 s).
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
-pub(super) const CHECKPOINT_COMMITS: u64 = 32;
-/// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
-/// start over (8 MiB with 512-byte pages, 16 MiB with 1 KiB); below it, checkpoints never
-/// block a commit.
-pub(super) const WAL_RESTART_PAGES: i64 = 16 * 1024;
-/// `journal_size_limit`: the WAL file is truncated back to this when it starts over.
-pub(super) const WAL_KEEP_BYTES: i64 = 4 * 1024 * 1024;
-
-/// Copies the WAL into the database file on its own thread and connection. SQLite's automatic
-/// checkpoint would run inside a commit on the writer thread and make that commit (and every
-/// PUBACK waiting for it) wait for two fsyncs: tens of ms on an SD card or a busy disk, which was
-/// the hub's p99 latency (docs/BENCHMARKS.md). A PASSIVE checkpoint runs alongside commits.
-/// Between checkpoints it syncs the WAL file itself, which is what makes commits durable under
-/// `synchronous=NORMAL` (SQLite replays committed WAL frames at open).
-pub(super) struct Checkpointer {
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Checkpointer {
-    pub(super) fn start(
-        path: &Path,
-        sync_full: bool,
-        stats: Arc<OutboxStats>,
-    ) -> Result<Checkpointer, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(
-            None,
-            "synchronous",
-            if sync_full { "FULL" } else { "NORMAL" },
-        )?;
-        let wal_path = {
-            let mut p = path.as_os_str().to_owned();
-            p.push("-wal");
-            PathBuf::from(p)
-        };
-        let (stop, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("outbox-ckpt".into())
-            .spawn(move || {
-                let checkpoint = |mode: &str| {
-                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                        r.get::<_, i64>(1)
-                    })
-                };
-                let mut wal: Option<std::fs::File> = None;
-                let mut synced_commits = stats.commits.load(Relaxed);
-                let mut checkpointed_commits = synced_commits;
-                let mut checkpointed_at = Instant::now();
-                loop {
-                    let stopping = !matches!(
-                        rx.recv_timeout(SYNC_EVERY),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    );
-                    let commits = stats.commits.load(Relaxed);
-                    let due = stopping
-                        || commits - checkpointed_commits >= CHECKPOINT_COMMITS
-                        || (commits != checkpointed_commits
-                            && checkpointed_at.elapsed() >= CHECKPOINT_EVERY);
-                    if due {
-                        let r = match checkpoint("PASSIVE") {
-                            Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => {
-                                checkpoint("RESTART")
-                            }
-                            other => other,
-                        };
-                        match r {
-                            Ok(_) => {
-                                checkpointed_commits = commits;
-                                synced_commits = commits;
-                                checkpointed_at = Instant::now();
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "outbox checkpoint failed; retrying later")
-                            }
-                        }
-                    } else if commits != synced_commits && !sync_full {
-                        // (With `synchronous=FULL` every commit is synced already.)
-                        if wal.is_none() {
-                            wal = std::fs::File::open(&wal_path).ok();
-                        }
-                        match wal.as_ref().map(|f| f.sync_data()) {
-                            Some(Ok(())) => synced_commits = commits,
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "cannot sync the outbox WAL; retrying");
-                                wal = None;
-                            }
-                            None => {}
-                        }
-                    }
-                    if stopping {
-                        return;
-                    }
-                }
-            })
-            .expect("spawn outbox checkpoint thread");
-        Ok(Checkpointer { stop, thread })
-    }
-
-    /// A last checkpoint, then the thread ends.
-    pub(super) fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
 
 pub(super) struct Writer {
     pub(super) conn: Connection,
@@ -159,95 +43,7 @@ pub(super) struct Writer {
     /// Rows of the current commit for the handoff (`None`: one that must be read back).
     pub(super) committed: Vec<(u64, Option<Row>)>,
     /// The arrival rate and when each device was last answered, for the commit window.
-    pub(super) pace: Pace,
-}
-
-/// Above this many appends a second (counted over the last half second or second) the window is
-/// [`SHORT_WINDOW`] at most: under load the queue fills while a commit runs and batches by
-/// itself, and the latency budget is a millisecond or two.
-const LOW_RATE: f64 = 50.0;
-pub(super) const SHORT_WINDOW: Duration = Duration::from_millis(1);
-/// A window ends when this many rows are waiting.
-const WINDOW_ROWS: usize = 64;
-/// A device that sends again this soon after its last PUBACK is taken to wait for each PUBACK
-/// (one message in flight): holding its appends would hold it to one message per window, so
-/// its appends end the window (at low rates; at high rates the bound is the short window).
-const CLOSED_LOOP: Duration = Duration::from_millis(50);
-
-/// The commit window's inputs: the arrival rate (appends counted over the current and the
-/// previous [`RATE_BUCKET`]), and when each device last got its answer.
-#[derive(Default)]
-pub(super) struct Pace {
-    /// Appends in the current bucket (started at `bucket_at`) and in the one before.
-    current: u64,
-    previous: u64,
-    bucket_at: Option<Instant>,
-    /// Whether the current group's window is the long one.
-    long: bool,
-    answered: HashMap<u64, Instant>,
-}
-
-/// The arrival rate is counted over half-second buckets.
-const RATE_BUCKET: Duration = Duration::from_millis(500);
-
-impl Pace {
-    /// Appends per second over the current and the previous bucket.
-    fn rate(&mut self, now: Instant) -> f64 {
-        let at = *self.bucket_at.get_or_insert(now);
-        let age = now.saturating_duration_since(at);
-        if age >= RATE_BUCKET {
-            self.previous = if age < 2 * RATE_BUCKET {
-                self.current
-            } else {
-                0
-            };
-            self.current = 0;
-            self.bucket_at = Some(now);
-        }
-        let span = RATE_BUCKET + now.saturating_duration_since(self.bucket_at.unwrap_or(now));
-        (self.previous + self.current) as f64 / span.as_secs_f64()
-    }
-
-    /// Where the window of a group whose first append (of `device`) came at `now` ends;
-    /// `None`: commit at once.
-    pub(super) fn window_for(
-        &mut self,
-        opts: &OutboxOptions,
-        device: u64,
-        now: Instant,
-    ) -> Option<Instant> {
-        if opts.commit_window.is_zero() {
-            return None;
-        }
-        self.long = self.rate(now) < LOW_RATE;
-        if self.waits_for_puback(device, now) {
-            return None;
-        }
-        let w = if self.long {
-            opts.commit_window
-        } else {
-            opts.commit_window.min(SHORT_WINDOW)
-        };
-        Some(now + w)
-    }
-
-    /// Whether `device` seems to wait for each PUBACK before sending again (see `CLOSED_LOOP`).
-    pub(super) fn waits_for_puback(&self, device: u64, now: Instant) -> bool {
-        let bound = if self.long { CLOSED_LOOP } else { SHORT_WINDOW };
-        self.answered
-            .get(&device)
-            .is_some_and(|at| now.saturating_duration_since(*at) <= bound)
-    }
-
-    /// A group of `rows` appends is about to be committed.
-    pub(super) fn grouped(&mut self, rows: usize, now: Instant) {
-        self.rate(now);
-        self.current += rows as u64;
-    }
-
-    pub(super) fn answered(&mut self, device: u64, at: Instant) {
-        self.answered.insert(device, at);
-    }
+    pub(super) pace: super::pace::Pace,
 }
 
 impl Writer {
@@ -296,9 +92,11 @@ impl Writer {
                     match req {
                         Req::Append(rec, tx) => {
                             window = match window {
-                                None if appends.is_empty() => {
-                                    self.pace.window_for(&self.opts, rec.device, Instant::now())
-                                }
+                                None if appends.is_empty() => self.pace.window_for(
+                                    self.opts.commit_window,
+                                    rec.device,
+                                    Instant::now(),
+                                ),
                                 w => w.filter(|_| {
                                     !self.pace.waits_for_puback(rec.device, Instant::now())
                                 }),

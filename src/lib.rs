@@ -298,6 +298,7 @@ impl Hub {
                 max_bytes: cfg.hub.max_outbox_bytes,
                 max_rows: cfg.hub.max_outbox_rows,
                 min_free_disk: cfg.hub.min_free_disk,
+                commit_window: std::time::Duration::from_millis(cfg.hub.commit_window_ms),
             },
             notifier,
         )?;

@@ -5,13 +5,16 @@
 //!
 //! ```text
 //! target/release/modehub-bench outbox-alone DIR [MESSAGES] [WRITERS] [WINDOW] [BODY_BYTES] [full]
-//! target/release/modehub-bench outbox-alone DIR home RATE SECS [DEVICES] [BODY_BYTES]
+//! target/release/modehub-bench outbox-alone DIR home RATE SECS [DEVICES] [BODY_BYTES] [WINDOW_MS] [full]
 //! ```
-//! The `home` form is the outbox's part of the home profile: RATE appends a second spread over
-//! DEVICES, each row fetched and acknowledged after its commit the way the uplink does, for
-//! SECS seconds; it prints the bytes written and commits per event.
+//! The `home` form is the outbox's part of the home profile (and, with RATE 1000, of the fixed
+//! rate run): RATE appends a second spread over DEVICES, each device keeping up to 100 appends
+//! waiting for their commit (a sensor's QoS 1 window), each row fetched and acknowledged after
+//! its commit the way the uplink does, for SECS seconds, with the hub's default commit window
+//! (`hub.commit_window_ms`) unless WINDOW_MS is given; it prints the bytes written, commits per
+//! event, and the time from submit to commit (p50, p99, worst; after a first second of warm-up).
 
-use modehub::outbox::{Capture, Kind, NewRecord, Notifier, Outbox};
+use modehub::outbox::{Capture, Kind, NewRecord, Notifier, Outbox, OutboxOptions};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::Arc;
@@ -120,44 +123,106 @@ async fn home(args: Vec<String>) -> anyhow::Result<()> {
     let secs: f64 = arg(&args, 3, 60.0);
     let devices: u64 = arg(&args, 4, 50u64).max(1);
     let body_bytes: usize = arg(&args, 5, 80);
+    let window_ms: u64 = arg(
+        &args,
+        6,
+        modehub::config::HubConfig::default().commit_window_ms,
+    );
+    let sync_full = args.get(7).is_some_and(|a| a == "full");
     let noop: Notifier = Arc::new(|_| {});
-    let (outbox, thread) = Outbox::open(&dir, false, noop)?;
+    let (outbox, thread) = Outbox::open_with(
+        &dir,
+        OutboxOptions {
+            sync_full,
+            commit_window: std::time::Duration::from_millis(window_ms),
+            ..OutboxOptions::default()
+        },
+        noop,
+    )?;
     let body = format!(
         "{{\"pad\":\"{}\"}}",
         "x".repeat(body_bytes.saturating_sub(10))
     );
     let period = std::time::Duration::from_secs_f64(1.0 / rate);
     let n = (rate * secs) as u64;
-    let mut cursors = std::collections::HashMap::new();
+    let warmup = rate as u64;
     let before = write_bytes();
     let commits0 = outbox.stats().commits.load(Ordering::Relaxed);
+    // One task per device: its appends in order, each acknowledged after its commit.
+    let mut feeds = Vec::new();
+    let mut tasks = Vec::new();
+    for d in 0..devices {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<(u64, Instant, modehub::outbox::CommitWaiter)>(100);
+        feeds.push(tx);
+        let outbox = outbox.clone();
+        tasks.push(tokio::spawn(async move {
+            let device = 100_000 + d;
+            let mut cursor = 0i64;
+            let mut waits = Vec::new();
+            while let Some((i, at, waiter)) = rx.recv().await {
+                waiter.await??;
+                // The first second is warm-up (the writer has not seen the rate yet).
+                if i >= warmup {
+                    waits.push(at.elapsed().as_secs_f64());
+                }
+                let rows = match outbox.take_committed(device, cursor, 32) {
+                    Some(rows) if !rows.is_empty() => rows,
+                    _ => {
+                        outbox.listen(device);
+                        outbox.fetch(device, cursor, 32).await?
+                    }
+                };
+                for row in rows {
+                    cursor = row.id;
+                    outbox.ack(row.id).await;
+                }
+            }
+            anyhow::Ok(waits)
+        }));
+    }
     let start = tokio::time::Instant::now();
     for i in 0..n {
         tokio::time::sleep_until(start + period * i as u32).await;
-        let device = 100_000 + i % devices;
-        outbox
-            .append(NewRecord {
-                device,
+        let device = i % devices;
+        let waiter = outbox
+            .submit(NewRecord {
+                device: 100_000 + device,
                 kind: Kind::Event,
                 key: "reading".into(),
                 body: body.clone(),
                 captured: Capture::at(1),
             })
             .await?;
-        let cursor = cursors.entry(device).or_insert(0i64);
-        for row in outbox.fetch(device, *cursor, 32).await? {
-            *cursor = row.id;
-            outbox.ack(row.id).await;
-        }
+        feeds[device as usize]
+            .send((i, Instant::now(), waiter))
+            .await
+            .map_err(|_| anyhow::anyhow!("a device task ended early"))?;
     }
+    drop(feeds);
+    let mut waits = Vec::new();
+    for t in tasks {
+        waits.extend(t.await??);
+    }
+    waits.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        waits
+            .get(((waits.len() as f64 * q) as usize).min(waits.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+            * 1000.0
+    };
     // Let the last acknowledgements and a checkpoint happen.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let written = write_bytes() - before;
     let commits = outbox.stats().commits.load(Ordering::Relaxed) - commits0;
     println!(
-        "{{\"events\":{n},\"write_bytes\":{written},\"write_bytes_per_event\":{:.1},\"commits_per_event\":{:.2}}}",
+        "{{\"events\":{n},\"rate\":{rate},\"commit_window_ms\":{window_ms},\"write_bytes\":{written},\"write_bytes_per_event\":{:.1},\"commits_per_event\":{:.3},\"commit_wait_ms_p50\":{:.2},\"commit_wait_ms_p99\":{:.2},\"commit_wait_ms_max\":{:.2}}}",
         written as f64 / n.max(1) as f64,
-        commits as f64 / n.max(1) as f64
+        commits as f64 / n.max(1) as f64,
+        at(0.5),
+        at(0.99),
+        at(1.0)
     );
     drop(outbox);
     let _ = thread.join();

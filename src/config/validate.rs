@@ -140,6 +140,17 @@ impl Config {
                 "use at least 1048576 (default 268435456 = 256 MiB)".into(),
             );
         }
+        if self.hub.commit_window_ms > 10_000 {
+            push(
+                "hub",
+                "commit_window_ms",
+                format!(
+                    "{} ms would hold every PUBACK that long",
+                    self.hub.commit_window_ms
+                ),
+                "use at most 10000 (default 2000; 0 commits at once)".into(),
+            );
+        }
         if self.hub.max_outbox_rows < 100 {
             push(
                 "hub",

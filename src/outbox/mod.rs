@@ -2,33 +2,41 @@
 //!
 //! This is the only module that speaks SQL. One writer thread owns the connection; requests
 //! arrive on a bounded channel and are handled in *group commits*: whatever is queued when the
-//! thread wakes is written in one transaction (WAL, `synchronous=NORMAL` by default), and only
-//! then is each append answered — that answer is what lets the local front send its PUBACK.
-//! Rows are kept in per-device FIFO order (`id` is AUTOINCREMENT, never reused) and leave only
+//! thread wakes (at low rates, whatever comes within the commit window) is written in one
+//! transaction (WAL, `synchronous=NORMAL` by default), and only then is each append answered —
+//! that answer is what lets the local front send its PUBACK.
+//! Rows are kept in per-device FIFO order (`id` is handed out by the writer, increasing, never
+//! reused while the hub runs nor colliding with a dead letter's) and leave only
 //! when the uplink acknowledges them. It must not know about MQTT, MODE or devices' names.
 //!
 //! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
-//! writer thread with its group commits and the checkpointer), `handoff` (committed rows to the
+//! writer thread with its group commits), `pace` (the commit window's rule), `checkpoint` (the
+//! thread that syncs and checkpoints the WAL), `handoff` (committed rows to the
 //! uplink, acknowledged rows to the writer, without a round trip), `commands` (commands waiting
 //! for a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports
 //! for the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
 
+mod checkpoint;
 mod commands;
 mod handoff;
 mod inspect;
 mod kv;
+mod pace;
 mod schema;
 mod seqfloor;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v3;
 mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
+use checkpoint::{Checkpointer, WAL_KEEP_BYTES};
 pub use commands::TakenCommands;
 use handoff::{Acked, Handoff, ACK_BATCH};
 pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxReport};
-use schema::{open_db, ROW_OVERHEAD};
-use writer::{Checkpointer, Writer, WAL_KEEP_BYTES};
+use schema::{load_start, open_db, ROW_OVERHEAD};
+use writer::Writer;
 
 use rusqlite::params;
 use std::collections::HashMap;
@@ -111,6 +119,13 @@ pub struct OutboxOptions {
     pub max_rows: u64,
     /// New messages are refused while the data disk has less free space than this.
     pub min_free_disk: u64,
+    /// At low arrival rates the writer holds the first append of a group commit this long for
+    /// more (the commit waiter, so the local PUBACK, waits with it): every commit rewrites a
+    /// few whole pages and every WAL sync a 4 KiB one, so at a few events a second a commit
+    /// per event wrote ~7 KB per event to the card. Zero: commit at once. See
+    /// `pace::Pace::window_for` for the adaptive rule (short at high rates, ended early for a
+    /// device that waits for its PUBACK before sending again).
+    pub commit_window: std::time::Duration,
 }
 
 impl Default for OutboxOptions {
@@ -120,6 +135,7 @@ impl Default for OutboxOptions {
             max_bytes: 256 * 1024 * 1024,
             max_rows: 2_000_000,
             min_free_disk: 64 * 1024 * 1024,
+            commit_window: std::time::Duration::ZERO,
         }
     }
 }
@@ -256,17 +272,8 @@ impl Outbox {
         let stats = Arc::new(OutboxStats::default());
         let conn = open_db(&path, opts.sync_full, &stats)?;
         let floor = seqfloor::SeqFloor::load(data_dir);
-        let mut seqs = HashMap::new();
-        {
-            let mut st = conn.prepare("SELECT device, next_seq FROM device_seq")?;
-            let rows = st.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })?;
-            for r in rows {
-                let (d, s) = r?;
-                seqs.insert(d, s);
-            }
-        }
+        let start = load_start(&conn)?;
+        let mut seqs = start.seqs;
         floor.apply(&mut seqs);
         let (rows, bytes): (i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0) FROM outbox",
@@ -294,10 +301,13 @@ impl Outbox {
             dir: data_dir.to_path_buf(),
             opts,
             seqs,
+            stored_seqs: start.stored_seqs,
+            next_id: start.next_id,
             floor,
             notifier,
             stats: stats.clone(),
             dropping: false,
+            pace: pace::Pace::default(),
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())

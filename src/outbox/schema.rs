@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 /// Rough per-row overhead counted against `max_bytes` (row header, index entries).
 pub(super) const ROW_OVERHEAD: u64 = 48;
 
@@ -71,7 +71,87 @@ pub(super) const MIGRATIONS: &[&str] = &[
         reload_rev INTEGER NOT NULL
     ) WITHOUT ROWID;
 ",
+    // v3 (issue 12): fewer pages per commit. `id` is no longer AUTOINCREMENT (the writer hands
+    // ids out, so no `sqlite_sequence` page per commit); the highest id ever handed out is kept
+    // in `meta` so the ids of rows already sent are not handed out again after the upgrade.
+    // `device_seq` stays, but is now written only by commits that delete a device's newest row.
+    "
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO meta (key, value)
+        SELECT 'next_id', COALESCE(MAX(seq), 0) + 1 FROM sqlite_sequence WHERE name = 'outbox';
+    CREATE TABLE outbox_v3 (
+        id          INTEGER PRIMARY KEY,
+        device      INTEGER NOT NULL,
+        kind        INTEGER NOT NULL,
+        key         TEXT    NOT NULL,
+        body        TEXT    NOT NULL,
+        dev_seq     INTEGER NOT NULL,
+        captured_at INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        synced      INTEGER NOT NULL DEFAULT 1,
+        boot_id     INTEGER NOT NULL DEFAULT 0,
+        mono_ms     INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO outbox_v3 (id, device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
+        SELECT id, device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms FROM outbox;
+    INSERT INTO device_seq (device, next_seq)
+        SELECT device, MAX(dev_seq) + 1 FROM outbox WHERE true GROUP BY device
+        ON CONFLICT(device) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq);
+    DROP TABLE outbox;
+    ALTER TABLE outbox_v3 RENAME TO outbox;
+    CREATE INDEX outbox_device ON outbox(device, id);
+    CREATE INDEX outbox_kv ON outbox(device, key) WHERE kind != 0;
+    CREATE INDEX outbox_unsynced ON outbox(boot_id) WHERE synced = 0;
+",
 ];
+
+/// Where the writer starts: the next id to hand out (above every row and dead letter, and above
+/// every id a v2 database had handed out), and per device the next `_seq` and the number
+/// `device_seq` holds. `device_seq` is written only when a device's newest row is deleted, so
+/// the next number is the highest of `device_seq`, the rows left and the dead letters.
+pub(super) struct Start {
+    pub(super) next_id: i64,
+    pub(super) seqs: HashMap<u64, u64>,
+    pub(super) stored_seqs: HashMap<u64, u64>,
+}
+
+pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
+    let next_id: i64 = conn.query_row(
+        "SELECT MAX(COALESCE((SELECT value FROM meta WHERE key = 'next_id'), 1),
+                    COALESCE((SELECT MAX(id) FROM outbox), 0) + 1,
+                    COALESCE((SELECT MAX(id) FROM dead_letter), 0) + 1)",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut seqs: HashMap<u64, u64> = HashMap::new();
+    let mut stored_seqs = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT device, next_seq FROM device_seq")?;
+        for r in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+            let (d, s) = r?;
+            stored_seqs.insert(d as u64, s as u64);
+            seqs.insert(d as u64, s as u64);
+        }
+    }
+    for table in ["outbox", "dead_letter"] {
+        let mut st = conn.prepare(&format!(
+            "SELECT device, MAX(dev_seq) + 1 FROM {table} GROUP BY device"
+        ))?;
+        for r in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+            let (d, s) = r?;
+            let next = seqs.entry(d as u64).or_insert(1);
+            *next = (*next).max(s as u64);
+        }
+    }
+    Ok(Start {
+        next_id,
+        seqs,
+        stored_seqs,
+    })
+}
 
 pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(
@@ -84,11 +164,12 @@ pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {
 pub(super) fn open_raw(path: &Path, sync_full: bool) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    // New databases use 1 KiB pages: every group commit appends each page it touched to the WAL,
-    // and a commit touches a handful of pages whatever its size, so at a few rows per commit
-    // small pages write ~4x fewer bytes per event (SD-card wear; docs/BENCHMARKS.md). Must come
-    // before WAL mode; it does nothing to an existing database.
-    conn.pragma_update(None, "page_size", 1024)?;
+    // New databases use 512-byte pages (SQLite's smallest): every group commit appends each
+    // page it touched to the WAL, and a commit touches a handful of pages whatever its size, so
+    // at a few rows per commit small pages write fewer bytes per event (SD-card wear; 1 KiB
+    // pages wrote ~1.3x more at home rates and ~1.8x more at 1,000/s, docs/store-and-forward.md).
+    // Must come before WAL mode; it does nothing to an existing database.
+    conn.pragma_update(None, "page_size", 512)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,

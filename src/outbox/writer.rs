@@ -1,9 +1,10 @@
-//! The writer thread: owns the connection, turns queued appends and acks into group commits,
-//! keeps the outbox within its bounds and the disk-space floor, and the checkpointer thread that
-//! copies the WAL into the database file beside it. It must not be called except through the
-//! [`super::Outbox`] handle's channel.
+//! The writer thread: owns the connection, turns queued appends and acks into group commits
+//! (holding one open for the commit window, `pace`), keeps the outbox within its bounds and the
+//! disk-space floor. It must not be called except through the [`super::Outbox`] handle's
+//! channel.
 
 use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
+use super::pace::WINDOW_ROWS;
 use super::schema::{free_disk, is_corruption, ROW_OVERHEAD};
 use super::{
     Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, Notifier, OutboxError, OutboxOptions,
@@ -12,126 +13,11 @@ use super::{
 use crate::timing::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
-
-/// How often the checkpointer looks: it makes the commits since its last look durable
-/// (`fdatasync` of the WAL), which keeps a power cut's loss to a fraction of a second.
-pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
-/// How often it copies the WAL into the database file (a checkpoint: two fsyncs and every
-/// touched database page written again), unless `CHECKPOINT_COMMITS` commits come first (under
-/// load it still checkpoints at every look, as before). At
-/// home rates each checkpoint rewrote the same few pages for two or three events: every 5 s
-/// instead of every 500 ms more than halved the bytes written per event (docs/BENCHMARKS.md).
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
-pub(super) const CHECKPOINT_COMMITS: u64 = 32;
-/// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
-/// start over (16 MiB with 1 KiB pages); below it, checkpoints never block a commit.
-pub(super) const WAL_RESTART_PAGES: i64 = 16 * 1024;
-/// `journal_size_limit`: the WAL file is truncated back to this when it starts over.
-pub(super) const WAL_KEEP_BYTES: i64 = 4 * 1024 * 1024;
-
-/// Copies the WAL into the database file on its own thread and connection. SQLite's automatic
-/// checkpoint would run inside a commit on the writer thread and make that commit (and every
-/// PUBACK waiting for it) wait for two fsyncs: tens of ms on an SD card or a busy disk, which was
-/// the hub's p99 latency (docs/BENCHMARKS.md). A PASSIVE checkpoint runs alongside commits.
-/// Between checkpoints it syncs the WAL file itself, which is what makes commits durable under
-/// `synchronous=NORMAL` (SQLite replays committed WAL frames at open).
-pub(super) struct Checkpointer {
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Checkpointer {
-    pub(super) fn start(
-        path: &Path,
-        sync_full: bool,
-        stats: Arc<OutboxStats>,
-    ) -> Result<Checkpointer, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(
-            None,
-            "synchronous",
-            if sync_full { "FULL" } else { "NORMAL" },
-        )?;
-        let wal_path = {
-            let mut p = path.as_os_str().to_owned();
-            p.push("-wal");
-            PathBuf::from(p)
-        };
-        let (stop, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("outbox-ckpt".into())
-            .spawn(move || {
-                let checkpoint = |mode: &str| {
-                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                        r.get::<_, i64>(1)
-                    })
-                };
-                let mut wal: Option<std::fs::File> = None;
-                let mut synced_commits = stats.commits.load(Relaxed);
-                let mut checkpointed_commits = synced_commits;
-                let mut checkpointed_at = Instant::now();
-                loop {
-                    let stopping = !matches!(
-                        rx.recv_timeout(SYNC_EVERY),
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-                    );
-                    let commits = stats.commits.load(Relaxed);
-                    let due = stopping
-                        || commits - checkpointed_commits >= CHECKPOINT_COMMITS
-                        || (commits != checkpointed_commits
-                            && checkpointed_at.elapsed() >= CHECKPOINT_EVERY);
-                    if due {
-                        let r = match checkpoint("PASSIVE") {
-                            Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => {
-                                checkpoint("RESTART")
-                            }
-                            other => other,
-                        };
-                        match r {
-                            Ok(_) => {
-                                checkpointed_commits = commits;
-                                synced_commits = commits;
-                                checkpointed_at = Instant::now();
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "outbox checkpoint failed; retrying later")
-                            }
-                        }
-                    } else if commits != synced_commits && !sync_full {
-                        // (With `synchronous=FULL` every commit is synced already.)
-                        if wal.is_none() {
-                            wal = std::fs::File::open(&wal_path).ok();
-                        }
-                        match wal.as_ref().map(|f| f.sync_data()) {
-                            Some(Ok(())) => synced_commits = commits,
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "cannot sync the outbox WAL; retrying");
-                                wal = None;
-                            }
-                            None => {}
-                        }
-                    }
-                    if stopping {
-                        return;
-                    }
-                }
-            })
-            .expect("spawn outbox checkpoint thread");
-        Ok(Checkpointer { stop, thread })
-    }
-
-    /// A last checkpoint, then the thread ends.
-    pub(super) fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
-}
 
 pub(super) struct Writer {
     pub(super) conn: Connection,
@@ -139,6 +25,10 @@ pub(super) struct Writer {
     pub(super) opts: OutboxOptions,
     /// Next per-device sequence number.
     pub(super) seqs: HashMap<u64, u64>,
+    /// What `device_seq` holds per device (written only when a device's newest row goes).
+    pub(super) stored_seqs: HashMap<u64, u64>,
+    /// The next row id to hand out.
+    pub(super) next_id: i64,
     /// The sequence numbers' high-water mark outside the database.
     pub(super) floor: super::seqfloor::SeqFloor,
     pub(super) notifier: Notifier,
@@ -152,6 +42,8 @@ pub(super) struct Writer {
     pub(super) handoff: Arc<Handoff>,
     /// Rows of the current commit for the handoff (`None`: one that must be read back).
     pub(super) committed: Vec<(u64, Option<Row>)>,
+    /// The arrival rate and when each device was last answered, for the commit window.
+    pub(super) pace: super::pace::Pace,
 }
 
 impl Writer {
@@ -192,17 +84,51 @@ impl Writer {
             self.acked.writer_idle.store(false, Relaxed);
             let Some(first) = first else { break };
             let mut next = Some(first);
-            // Group commit: take everything already queued, up to a bound.
-            while let Some(req) = next.take() {
-                match req {
-                    Req::Append(rec, tx) => appends.push((rec, tx)),
-                    Req::Wake => {}
-                    Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
-                    Req::Job(j) => jobs.push(j),
+            // Group commit: take everything already queued, up to a bound; at low rates wait a
+            // bounded window for more (`window_for`).
+            let mut window: Option<Instant> = None;
+            loop {
+                while let Some(req) = next.take() {
+                    match req {
+                        Req::Append(rec, tx) => {
+                            window = match window {
+                                None if appends.is_empty() => self.pace.window_for(
+                                    self.opts.commit_window,
+                                    rec.device,
+                                    Instant::now(),
+                                ),
+                                w => w.filter(|_| {
+                                    !self.pace.waits_for_puback(rec.device, Instant::now())
+                                }),
+                            };
+                            appends.push((rec, tx));
+                        }
+                        Req::Wake => {}
+                        Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
+                        Req::Job(j) => jobs.push(j),
+                    }
+                    if appends.len() + self.acks.len() < MAX_BATCH {
+                        next = rx.try_recv().ok();
+                    }
                 }
-                if appends.len() + self.acks.len() < MAX_BATCH {
-                    next = rx.try_recv().ok();
+                // A read or a job does not wait for the window, nor does a full batch.
+                let Some(end) = window.filter(|_| {
+                    fetches.is_empty() && jobs.is_empty() && appends.len() < WINDOW_ROWS
+                }) else {
+                    break;
+                };
+                let wait = end.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    break;
                 }
+                match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(Some(req)) => next = Some(req),
+                    // Closed (the next receive ends the loop) or the window is over.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if !appends.is_empty() {
+                self.pace.grouped(appends.len(), Instant::now());
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));
@@ -255,9 +181,11 @@ impl Writer {
                         }
                         self.handoff.committed(&mut self.committed);
                         touched.clear();
+                        let now = Instant::now();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
                                 touched.push(rec.device);
+                                self.pace.answered(rec.device, now);
                             }
                             let _ = tx.send(Ok(()));
                         }
@@ -342,16 +270,26 @@ impl Writer {
     }
 
     pub(super) fn reload_seqs(&mut self) {
-        let mut seqs = HashMap::new();
-        if let Ok(mut st) = self.conn.prepare("SELECT device, next_seq FROM device_seq") {
-            if let Ok(rows) = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))) {
-                for (d, s) in rows.flatten() {
-                    seqs.insert(d as u64, s as u64);
-                }
+        match super::schema::load_start(&self.conn) {
+            Ok(start) => {
+                let mut seqs = start.seqs;
+                self.floor.apply(&mut seqs);
+                self.seqs = seqs;
+                self.stored_seqs = start.stored_seqs;
+                // Ids are never handed out twice, even those of a failed commit.
+                self.next_id = self.next_id.max(start.next_id);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the sequence numbers; keeping the ones in memory")
             }
         }
-        self.floor.apply(&mut seqs);
-        self.seqs = seqs;
+    }
+
+    fn stored(&mut self, devices: &[u64]) {
+        for d in devices {
+            let next = self.seqs.get(d).copied().unwrap_or(1);
+            self.stored_seqs.insert(*d, next);
+        }
     }
 
     pub(super) fn commit(
@@ -377,11 +315,13 @@ impl Writer {
         let mut rows_delta: i64 = 0;
         let mut bytes_delta: i64 = 0;
         let mut coalesced = 0u64;
+        // Devices whose newest row this commit deletes: `device_seq` must say where they are.
+        let mut seq_store: Vec<u64> = Vec::new();
         {
             let now = now_ms();
             let mut ins = tx.prepare_cached(
-                "INSERT INTO outbox (device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO outbox (id, device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             // A newer change of a key replaces the pending ones: replay sends the fewest
             // messages that give the same final state.
@@ -389,58 +329,11 @@ impl Writer {
                 "DELETE FROM outbox WHERE device = ?1 AND kind != 0 AND key = ?2
                  RETURNING LENGTH(body) + LENGTH(key)",
             )?;
-            let mut seq_touched: Vec<u64> = Vec::new();
-            for (rec, _) in appends {
-                if rec.kind != Kind::Event {
-                    for len in coalesce
-                        .query_map(params![rec.device as i64, rec.key], |r| r.get::<_, i64>(0))?
-                    {
-                        rows_delta -= 1;
-                        bytes_delta -= len? + ROW_OVERHEAD as i64;
-                        coalesced += 1;
-                    }
-                }
-                let seq = self.seqs.entry(rec.device).or_insert(1);
-                ins.execute(params![
-                    rec.device as i64,
-                    rec.kind as i64,
-                    rec.key,
-                    rec.body,
-                    *seq as i64,
-                    rec.captured.wall_ms,
-                    now,
-                    rec.captured.synced,
-                    rec.captured.boot_id,
-                    rec.captured.mono_ms
-                ])?;
-                self.committed.push((
-                    rec.device,
-                    (rec.kind == Kind::Event).then(|| Row {
-                        id: tx.last_insert_rowid(),
-                        device: rec.device,
-                        kind: rec.kind,
-                        key: rec.key.clone(),
-                        body: rec.body.clone(),
-                        dev_seq: *seq,
-                        captured: rec.captured,
-                    }),
-                ));
-                rows_delta += 1;
-                bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
-                *seq += 1;
-                if !seq_touched.contains(&rec.device) {
-                    seq_touched.push(rec.device);
-                }
-            }
-            let mut upd = tx.prepare_cached(
-                "INSERT INTO device_seq (device, next_seq) VALUES (?1, ?2)
-                 ON CONFLICT(device) DO UPDATE SET next_seq = excluded.next_seq",
-            )?;
-            for d in seq_touched {
-                upd.execute(params![d as i64, self.seqs[&d] as i64])?;
-            }
+            // Acknowledged rows go first: the space they free in the table's and the index's
+            // last pages takes the new rows, so a commit rewrites fewer pages (at home rates,
+            // where each commit deletes the previous one's rows, about half as many).
             let mut del = tx.prepare_cached(
-                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body",
+                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body, dev_seq",
             )?;
             let mut mirror_set = tx.prepare_cached(
                 "INSERT INTO kv_mirror (device, key, value, rev)
@@ -448,10 +341,17 @@ impl Writer {
                  ON CONFLICT(device, key) DO UPDATE SET value = excluded.value",
             )?;
             for id in acks {
-                let gone: Option<(i64, i64, String, String)> = del
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                let gone: Option<(i64, i64, String, String, i64)> = del
+                    .query_row([id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
                     .optional()?;
-                if let Some((device, kind, key, body)) = gone {
+                if let Some((device, kind, key, body, seq)) = gone {
+                    if seq_needs_store(&self.seqs, &self.stored_seqs, device as u64, seq as u64)
+                        && !seq_store.contains(&(device as u64))
+                    {
+                        seq_store.push(device as u64);
+                    }
                     rows_delta -= 1;
                     bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
                     // MODE has it now: the mirror reflects it until MODE says otherwise.
@@ -466,8 +366,54 @@ impl Writer {
                     }
                 }
             }
+            for (rec, _) in appends {
+                if rec.kind != Kind::Event {
+                    for len in coalesce
+                        .query_map(params![rec.device as i64, rec.key], |r| r.get::<_, i64>(0))?
+                    {
+                        rows_delta -= 1;
+                        bytes_delta -= len? + ROW_OVERHEAD as i64;
+                        coalesced += 1;
+                    }
+                }
+                let id = self.next_id;
+                self.next_id += 1;
+                let seq = self.seqs.entry(rec.device).or_insert(1);
+                ins.execute(params![
+                    id,
+                    rec.device as i64,
+                    rec.kind as i64,
+                    rec.key,
+                    rec.body,
+                    *seq as i64,
+                    rec.captured.wall_ms,
+                    now,
+                    rec.captured.synced,
+                    rec.captured.boot_id,
+                    rec.captured.mono_ms
+                ])?;
+                self.committed.push((
+                    rec.device,
+                    (rec.kind == Kind::Event).then(|| Row {
+                        id,
+                        device: rec.device,
+                        kind: rec.kind,
+                        key: rec.key.clone(),
+                        body: rec.body.clone(),
+                        dev_seq: *seq,
+                        captured: rec.captured,
+                    }),
+                ));
+                rows_delta += 1;
+                bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
+                *seq += 1;
+            }
+            // A device that also got a new row here has it to say where its `_seq` is.
+            seq_store.retain(|d| !appends.iter().any(|(rec, _)| rec.device == *d));
+            store_seqs(&tx, &self.seqs, &seq_store)?;
         }
         tx.commit()?;
+        self.stored(&seq_store);
         self.stats.kv_coalesced.fetch_add(coalesced, Relaxed);
         add_signed(&self.stats.pending_rows, rows_delta);
         add_signed(&self.stats.pending_bytes, bytes_delta);
@@ -497,17 +443,36 @@ impl Writer {
                 .max((bytes - self.opts.max_bytes as f64 * 0.95) / avg)
                 .ceil()
                 .clamp(1.0, 512.0) as i64;
-            let mut st = self.conn.prepare_cached(
-                "DELETE FROM outbox WHERE id IN
-                   (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
-                 RETURNING LENGTH(body) + LENGTH(key)",
-            )?;
-            let lens: Vec<i64> = st
-                .query_map([excess], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if lens.is_empty() {
+            // The drop and the `device_seq` of a device whose newest row it dropped commit
+            // together.
+            let tx = self.conn.transaction()?;
+            let gone: Vec<(i64, i64, i64)> = {
+                let mut st = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE id IN
+                       (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
+                     RETURNING LENGTH(body) + LENGTH(key), device, dev_seq",
+                )?;
+                let rows = st.query_map([excess], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if gone.is_empty() {
                 break; // only kv state left: keep it
             }
+            let mut seq_store: Vec<u64> = Vec::new();
+            for &(_, d, seq) in &gone {
+                if seq_needs_store(&self.seqs, &self.stored_seqs, d as u64, seq as u64)
+                    && !seq_store.contains(&(d as u64))
+                {
+                    seq_store.push(d as u64);
+                }
+            }
+            store_seqs(&tx, &self.seqs, &seq_store)?;
+            tx.commit()?;
+            for d in &seq_store {
+                let next = self.seqs.get(d).copied().unwrap_or(1);
+                self.stored_seqs.insert(*d, next);
+            }
+            let lens: Vec<i64> = gone.iter().map(|g| g.0).collect();
             dropped += lens.len() as u64;
             add_signed(&self.stats.pending_rows, -(lens.len() as i64));
             add_signed(
@@ -657,6 +622,34 @@ impl Writer {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// After deleting a row of `device` numbered `seq`: when it was the device's newest, the rows
+/// left no longer say where `_seq` goes on, so `device_seq` must (in the same transaction).
+pub(super) fn seq_needs_store(
+    seqs: &HashMap<u64, u64>,
+    stored: &HashMap<u64, u64>,
+    device: u64,
+    seq: u64,
+) -> bool {
+    let next = seqs.get(&device).copied().unwrap_or(1);
+    seq + 1 >= next && stored.get(&device).copied().unwrap_or(0) < next
+}
+
+/// Writes `device_seq` for `devices` inside `tx`; [`Writer::stored`] once it is committed.
+pub(super) fn store_seqs(
+    tx: &Connection,
+    seqs: &HashMap<u64, u64>,
+    devices: &[u64],
+) -> Result<(), OutboxError> {
+    let mut upd = tx.prepare_cached(
+        "INSERT INTO device_seq (device, next_seq) VALUES (?1, ?2)
+         ON CONFLICT(device) DO UPDATE SET next_seq = max(next_seq, excluded.next_seq)",
+    )?;
+    for d in devices {
+        upd.execute(params![*d as i64, seqs.get(d).copied().unwrap_or(1) as i64])?;
+    }
+    Ok(())
 }
 
 pub(super) fn add_signed(a: &AtomicU64, delta: i64) {

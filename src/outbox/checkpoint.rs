@@ -1,0 +1,127 @@
+//! The checkpointer thread: syncs the WAL (what makes commits durable under
+//! `synchronous=NORMAL`) and copies it into the database file, on its own connection so that a
+//! commit never waits for an fsync. It must not write rows.
+
+use super::OutboxStats;
+use rusqlite::Connection;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the checkpointer looks: it makes the commits since its last look durable
+/// (`fdatasync` of the WAL), which keeps a power cut's loss to a fraction of a second.
+pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
+/// How often it copies the WAL into the database file (a checkpoint: two fsyncs and every
+/// touched database page written again), unless `CHECKPOINT_COMMITS` commits come first (under
+/// load it still checkpoints at every look, as before). At home rates each checkpoint rewrote
+/// the same few pages for a few events; the WAL is synced every `SYNC_EVERY` whatever this is,
+/// so a longer cadence costs no durability, only a WAL of a few tens of KB (issue 12: every
+/// 500 ms, then 5 s, now 60 s).
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+pub(super) const CHECKPOINT_COMMITS: u64 = 32;
+/// WAL length (pages) at which the checkpointer briefly holds off the writer so that the WAL can
+/// start over (8 MiB with 512-byte pages, 16 MiB with 1 KiB); below it, checkpoints never
+/// block a commit.
+pub(super) const WAL_RESTART_PAGES: i64 = 16 * 1024;
+/// `journal_size_limit`: the WAL file is truncated back to this when it starts over.
+pub(super) const WAL_KEEP_BYTES: i64 = 4 * 1024 * 1024;
+
+/// Copies the WAL into the database file on its own thread and connection. SQLite's automatic
+/// checkpoint would run inside a commit on the writer thread and make that commit (and every
+/// PUBACK waiting for it) wait for two fsyncs: tens of ms on an SD card or a busy disk, which was
+/// the hub's p99 latency (docs/BENCHMARKS.md). A PASSIVE checkpoint runs alongside commits.
+/// Between checkpoints it syncs the WAL file itself, which is what makes commits durable under
+/// `synchronous=NORMAL` (SQLite replays committed WAL frames at open).
+pub(super) struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    pub(super) fn start(
+        path: &Path,
+        sync_full: bool,
+        stats: Arc<OutboxStats>,
+    ) -> Result<Checkpointer, rusqlite::Error> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(
+            None,
+            "synchronous",
+            if sync_full { "FULL" } else { "NORMAL" },
+        )?;
+        let wal_path = {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("outbox-ckpt".into())
+            .spawn(move || {
+                let checkpoint = |mode: &str| {
+                    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                        r.get::<_, i64>(1)
+                    })
+                };
+                let mut wal: Option<std::fs::File> = None;
+                let mut synced_commits = stats.commits.load(Relaxed);
+                let mut checkpointed_commits = synced_commits;
+                let mut checkpointed_at = Instant::now();
+                loop {
+                    let stopping = !matches!(
+                        rx.recv_timeout(SYNC_EVERY),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                    );
+                    let commits = stats.commits.load(Relaxed);
+                    let due = stopping
+                        || commits - checkpointed_commits >= CHECKPOINT_COMMITS
+                        || (commits != checkpointed_commits
+                            && checkpointed_at.elapsed() >= CHECKPOINT_EVERY);
+                    if due {
+                        let r = match checkpoint("PASSIVE") {
+                            Ok(wal_pages) if wal_pages >= WAL_RESTART_PAGES => {
+                                checkpoint("RESTART")
+                            }
+                            other => other,
+                        };
+                        match r {
+                            Ok(_) => {
+                                checkpointed_commits = commits;
+                                synced_commits = commits;
+                                checkpointed_at = Instant::now();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outbox checkpoint failed; retrying later")
+                            }
+                        }
+                    } else if commits != synced_commits && !sync_full {
+                        // (With `synchronous=FULL` every commit is synced already.)
+                        if wal.is_none() {
+                            wal = std::fs::File::open(&wal_path).ok();
+                        }
+                        match wal.as_ref().map(|f| f.sync_data()) {
+                            Some(Ok(())) => synced_commits = commits,
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot sync the outbox WAL; retrying");
+                                wal = None;
+                            }
+                            None => {}
+                        }
+                    }
+                    if stopping {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn outbox checkpoint thread");
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// A last checkpoint, then the thread ends.
+    pub(super) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}

@@ -1,0 +1,94 @@
+//! The commit window's rule: how long the writer holds a group commit open for more appends,
+//! from the arrival rate and from when each device last got its answer. It must not touch the
+//! database or the channel (the writer does).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Above this many appends a second (counted over the last half second or second) the window is
+/// [`SHORT_WINDOW`] at most: under load the queue fills while a commit runs and batches by
+/// itself, and the latency budget is a millisecond or two.
+const LOW_RATE: f64 = 50.0;
+pub(super) const SHORT_WINDOW: Duration = Duration::from_millis(1);
+/// A window ends when this many rows are waiting.
+pub(super) const WINDOW_ROWS: usize = 64;
+/// A device that sends again this soon after its last PUBACK is taken to wait for each PUBACK
+/// (one message in flight): holding its appends would hold it to one message per window, so
+/// its appends end the window (at low rates; at high rates the bound is the short window).
+const CLOSED_LOOP: Duration = Duration::from_millis(50);
+
+/// The commit window's inputs: the arrival rate (appends counted over the current and the
+/// previous [`RATE_BUCKET`]), and when each device last got its answer.
+#[derive(Default)]
+pub(super) struct Pace {
+    /// Appends in the current bucket (started at `bucket_at`) and in the one before.
+    current: u64,
+    previous: u64,
+    bucket_at: Option<Instant>,
+    /// Whether the current group's window is the long one.
+    long: bool,
+    answered: HashMap<u64, Instant>,
+}
+
+/// The arrival rate is counted over half-second buckets.
+const RATE_BUCKET: Duration = Duration::from_millis(500);
+
+impl Pace {
+    /// Appends per second over the current and the previous bucket.
+    fn rate(&mut self, now: Instant) -> f64 {
+        let at = *self.bucket_at.get_or_insert(now);
+        let age = now.saturating_duration_since(at);
+        if age >= RATE_BUCKET {
+            self.previous = if age < 2 * RATE_BUCKET {
+                self.current
+            } else {
+                0
+            };
+            self.current = 0;
+            self.bucket_at = Some(now);
+        }
+        let span = RATE_BUCKET + now.saturating_duration_since(self.bucket_at.unwrap_or(now));
+        (self.previous + self.current) as f64 / span.as_secs_f64()
+    }
+
+    /// Where the window of a group whose first append (of `device`) came at `now` ends;
+    /// `None`: commit at once.
+    pub(super) fn window_for(
+        &mut self,
+        commit_window: Duration,
+        device: u64,
+        now: Instant,
+    ) -> Option<Instant> {
+        if commit_window.is_zero() {
+            return None;
+        }
+        self.long = self.rate(now) < LOW_RATE;
+        if self.waits_for_puback(device, now) {
+            return None;
+        }
+        let w = if self.long {
+            commit_window
+        } else {
+            commit_window.min(SHORT_WINDOW)
+        };
+        Some(now + w)
+    }
+
+    /// Whether `device` seems to wait for each PUBACK before sending again (see `CLOSED_LOOP`).
+    pub(super) fn waits_for_puback(&self, device: u64, now: Instant) -> bool {
+        let bound = if self.long { CLOSED_LOOP } else { SHORT_WINDOW };
+        self.answered
+            .get(&device)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= bound)
+    }
+
+    /// A group of `rows` appends is about to be committed.
+    pub(super) fn grouped(&mut self, rows: usize, now: Instant) {
+        self.rate(now);
+        self.current += rows as u64;
+    }
+
+    pub(super) fn answered(&mut self, device: u64, at: Instant) {
+        self.answered.insert(device, at);
+    }
+}

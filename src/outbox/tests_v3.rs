@@ -1,0 +1,226 @@
+//! Unit tests of schema v3 (issue 12): the upgrade from v2 keeps every row, id, `_seq` and dead
+//! letter, and `_seq` goes on across restarts although `device_seq` is written only when a
+//! device's newest row is deleted.
+
+use super::schema::{MIGRATIONS, SCHEMA_VERSION};
+use super::*;
+use rusqlite::Connection;
+
+fn rec(device: u64, n: usize) -> NewRecord {
+    NewRecord {
+        device,
+        kind: Kind::Event,
+        key: "t".into(),
+        body: format!("{{\"n\":{n}}}"),
+        captured: Capture::at(1),
+    }
+}
+
+fn noop() -> Notifier {
+    Arc::new(|_| {})
+}
+
+/// A database exactly as a v2 modehub leaves it.
+fn v2_database(dir: &Path) {
+    let c = Connection::open(dir.join("hub.db")).unwrap();
+    c.pragma_update(None, "journal_mode", "WAL").unwrap();
+    for sql in &MIGRATIONS[..2] {
+        c.execute_batch(sql).unwrap();
+    }
+    c.pragma_update(None, "user_version", 2).unwrap();
+    let ins = "INSERT INTO outbox (device, kind, key, body, dev_seq, captured_at, created_at, synced, boot_id, mono_ms)
+               VALUES (?1, 0, 't', ?2, ?3, 11, 12, 1, 0, 0)";
+    // Device 5: ids 1..3 with _seq 1..3; device 6: id 4 (_seq 1), acknowledged and deleted.
+    for (device, seq) in [(5, 1), (5, 2), (5, 3), (6, 1)] {
+        c.execute(
+            ins,
+            rusqlite::params![device, format!("{{\"s\":{seq}}}"), seq],
+        )
+        .unwrap();
+    }
+    c.execute_batch(
+        "INSERT INTO device_seq VALUES (5, 4), (6, 2);
+         DELETE FROM outbox WHERE id = 4;
+         INSERT INTO dead_letter (id, device, kind, key, body, dev_seq, captured_at, reason, failed_at)
+           SELECT id, device, kind, key, body, dev_seq, captured_at, '400 bad', 13 FROM outbox WHERE id = 2;
+         DELETE FROM outbox WHERE id = 2;",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_v2_database_upgrades_keeping_rows_ids_seqs_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    v2_database(dir.path());
+    let (ob, th) = Outbox::open(dir.path(), false, noop()).unwrap();
+    let rows = ob.fetch(5, 0, 10).await.unwrap();
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| (r.id, r.dev_seq, r.body.as_str()))
+        .collect();
+    assert_eq!(got, vec![(1, 1, "{\"s\":1}"), (3, 3, "{\"s\":3}")]);
+    assert_eq!(rows[0].captured.wall_ms, 11);
+    let dead = ob.dead_letters(10).await.unwrap();
+    assert_eq!(
+        (dead.len(), dead[0].id, dead[0].reason.as_str()),
+        (1, 2, "400 bad")
+    );
+    // New rows: ids above every id v2 handed out (4 was deleted), _seq where each device was.
+    ob.append(rec(5, 0)).await.unwrap();
+    ob.append(rec(6, 0)).await.unwrap();
+    let five = ob.fetch(5, 3, 10).await.unwrap();
+    let six = ob.fetch(6, 0, 10).await.unwrap();
+    assert_eq!((five[0].id, five[0].dev_seq), (5, 4));
+    assert_eq!((six[0].id, six[0].dev_seq), (6, 2));
+    drop(ob);
+    th.join().unwrap();
+    assert_eq!(
+        schema_version(&dir.path().join("hub.db")).unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    // No AUTOINCREMENT left on the outbox: no `sqlite_sequence` page per commit.
+    let c = Connection::open(dir.path().join("hub.db")).unwrap();
+    let sql: String = c
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'outbox'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+}
+
+#[tokio::test]
+async fn seq_goes_on_across_restarts_with_device_seq_written_only_on_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, th) = Outbox::open(dir.path(), false, noop()).unwrap();
+    for n in 0..3 {
+        ob.append(rec(5, n)).await.unwrap();
+        ob.append(rec(6, n)).await.unwrap();
+    }
+    let stored = |dir: &Path| -> Vec<(i64, i64)> {
+        let c = Connection::open(dir.join("hub.db")).unwrap();
+        let mut st = c
+            .prepare("SELECT device, next_seq FROM device_seq ORDER BY device")
+            .unwrap();
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        rows.map(Result::unwrap).collect()
+    };
+    assert_eq!(
+        stored(dir.path()),
+        vec![],
+        "appends alone do not write device_seq"
+    );
+    // Device 5: every row acknowledged (its newest goes); device 6: only the oldest.
+    let five = ob.fetch(5, 0, 10).await.unwrap();
+    for r in &five {
+        ob.ack(r.id).await;
+    }
+    let last_id = ob.fetch(6, 0, 10).await.unwrap()[0].id;
+    ob.ack(last_id).await;
+    drop(ob);
+    th.join().unwrap();
+    assert_eq!(stored(dir.path()), vec![(5, 4)]);
+
+    let (ob, th) = Outbox::open(dir.path(), false, noop()).unwrap();
+    assert_eq!(ob.fetch(5, 0, 10).await.unwrap(), vec![]);
+    ob.append(rec(5, 3)).await.unwrap();
+    ob.append(rec(6, 3)).await.unwrap();
+    let five = ob.fetch(5, 0, 10).await.unwrap();
+    let six = ob.fetch(6, 0, 10).await.unwrap();
+    assert_eq!(
+        five[0].dev_seq, 4,
+        "from device_seq: no row of device 5 is left"
+    );
+    let seqs: Vec<u64> = six.iter().map(|r| r.dev_seq).collect();
+    assert_eq!(seqs, vec![2, 3, 4], "from the rows left");
+    // Ids are never handed out twice while the hub runs, even the deleted newest one's.
+    assert!(five[0].id > last_id && six[2].id > five[0].id);
+    drop(ob);
+    th.join().unwrap();
+}
+
+#[test]
+fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_closed_loops() {
+    use super::pace::{Pace, SHORT_WINDOW};
+    use std::time::{Duration, Instant};
+    let opts = OutboxOptions {
+        commit_window: Duration::from_secs(2),
+        ..OutboxOptions::default()
+    };
+    let mut pace = Pace::default();
+    let t0 = Instant::now();
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    // Nothing known yet: a low rate, the whole window.
+    assert_eq!(pace.window_for(opts.commit_window, 1, t0), Some(ms(2000)));
+    pace.grouped(1, ms(2000));
+    pace.answered(1, ms(2000));
+    // Device 1 sends again 10 ms after its PUBACK: it waits for each one, so no window...
+    assert_eq!(pace.window_for(opts.commit_window, 1, ms(2010)), None);
+    pace.grouped(1, ms(2010));
+    pace.answered(1, ms(2011));
+    // ...but a device heard from long ago gets it.
+    assert_eq!(
+        pace.window_for(opts.commit_window, 2, ms(4000)),
+        Some(ms(6000))
+    );
+    pace.grouped(10, ms(6000));
+    // Under load (groups of 2 every 2 ms) the window is the short one.
+    let mut at = 6000;
+    for _ in 0..40 {
+        at += 2;
+        pace.window_for(opts.commit_window, 3, ms(at));
+        pace.grouped(2, ms(at));
+    }
+    assert_eq!(
+        pace.window_for(opts.commit_window, 4, ms(at + 2)),
+        Some(ms(at + 2) + SHORT_WINDOW)
+    );
+    // Quiet again for a second: the long window.
+    at += 1200;
+    assert_eq!(
+        pace.window_for(opts.commit_window, 5, ms(at)),
+        Some(ms(at + 2000))
+    );
+    // Zero: commit at once, whatever the rate.
+    let zero = OutboxOptions::default();
+    assert_eq!(Pace::default().window_for(zero.commit_window, 1, t0), None);
+}
+
+#[tokio::test]
+async fn appends_that_come_during_the_window_share_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OutboxOptions {
+        commit_window: std::time::Duration::from_secs(30),
+        ..OutboxOptions::default()
+    };
+    let (ob, th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
+    let first = ob.submit(rec(1, 0)).await.unwrap();
+    // The writer holds the first append's commit open for more; 63 more fill the group (64
+    // rows end a window early) and all go in one commit.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut waiters = vec![first];
+    for n in 1..64 {
+        waiters.push(ob.submit(rec(100 + n as u64, n)).await.unwrap());
+    }
+    for w in waiters {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        ob.stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Device 1 got its answer just now: it is not held when it sends again, nor is the
+    // commit it joins (a window of 30 s would hang here).
+    ob.append(rec(1, 1)).await.unwrap();
+    assert_eq!(
+        ob.stats()
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    drop(ob);
+    th.join().unwrap();
+}

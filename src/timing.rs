@@ -30,6 +30,10 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+    /// The next delay is drawn from the same interval as the last one (no growth).
+    pub fn hold(&mut self) {
+        self.attempt = self.attempt.saturating_sub(1);
+    }
     /// The next delay: uniform in [ceiling/2, ceiling], ceiling = min(cap, base * 2^attempt).
     /// (Half-jitter keeps a floor so a fleet of devices cannot hammer MODE, while still
     /// spreading 100 devices' reconnects over the interval.)
@@ -45,6 +49,22 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_backoff_does_not_grow() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        for _ in 0..3 {
+            b.next_delay();
+        }
+        for _ in 0..10 {
+            b.hold();
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+    }
 
     #[test]
     fn backoff_grows_jitters_and_caps() {

@@ -155,6 +155,8 @@ struct Ended {
     reason: String,
     /// MODE (or the network) ended the session, rather than the hub.
     remote: bool,
+    /// MODE acknowledged at least one row in the session.
+    progressed: bool,
 }
 
 type Permit = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -215,6 +217,11 @@ impl DeviceUplink {
                     }
                     if started.elapsed() >= STABLE_SESSION {
                         backoff.reset();
+                    } else if ended.progressed {
+                        // MODE took rows in it: the link works, so the wait does not grow (a
+                        // session cut after every few messages would otherwise back off to
+                        // a minute while the backlog waits; the pace above handles a rate limit).
+                        backoff.hold();
                     }
                     let d = backoff.next_delay();
                     tracing::warn!(device = %self.device.name, reason = %ended.reason, retry_in = ?d, "upstream session lost; outbox keeps everything");
@@ -290,6 +297,7 @@ impl DeviceUplink {
         };
         // Rows sent and not yet acknowledged, kept only while `retain` is on.
         let mut sent: HashMap<i64, Row> = HashMap::new();
+        let mut progressed = false;
         let window = session.window(&self.session);
         let mut initial = session.take_initial_kv();
         // MQTT: MODE sends the whole store right after the kv subscription. A local kv change
@@ -309,6 +317,7 @@ impl DeviceUplink {
                 }
                 Ok(SessionEvent::Closed(reason)) => {
                     return Ended {
+                        progressed,
                         reason,
                         remote: true,
                     }
@@ -398,6 +407,7 @@ impl DeviceUplink {
                             {
                                 session.close().await;
                                 return Ended {
+                                    progressed,
                                     reason: e,
                                     remote: false,
                                 };
@@ -414,7 +424,7 @@ impl DeviceUplink {
                     if let Some(row) = ready.pop_front() {
                         if let Err(e) = self.send_now(&mut session, row, retain, &mut sent, &mut buf) {
                             session.close().await;
-                            return Ended { reason: e, remote: false };
+                            return Ended { progressed, reason: e, remote: false };
                         }
                     }
                 }
@@ -429,6 +439,7 @@ impl DeviceUplink {
                         }
                         self.metrics.delivered.fetch_add(1, Relaxed);
                         self.pace.acked();
+                        progressed = true;
                         self.outbox.ack(id).await;
                         if let Some(row) = row {
                             let now = std::time::Instant::now();
@@ -476,7 +487,7 @@ impl DeviceUplink {
                         self.pacer.stats().throttled_429.fetch_add(1, Relaxed);
                         tracing::warn!(device = %self.device.name, wait = ?d, "MODE asked to slow down (429); waiting");
                     }
-                    SessionEvent::Closed(reason) => return Ended { reason, remote: true },
+                    SessionEvent::Closed(reason) => return Ended { progressed, reason, remote: true },
                 },
                 _ = async { tokio::time::sleep_until(refused_until.expect("guarded")).await }, if refused_until.is_some() => {
                     tracing::info!(device = %self.device.name, "retrying after MODE's refusal");
@@ -510,7 +521,7 @@ impl DeviceUplink {
                 _ = self.notify.notified() => more = true,
                 _ = self.shutdown.cancelled() => {
                     session.close().await;
-                    return Ended { reason: "hub stopping".into(), remote: false };
+                    return Ended { progressed, reason: "hub stopping".into(), remote: false };
                 }
             }
         }

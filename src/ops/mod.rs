@@ -309,14 +309,31 @@ impl OpsContext {
         }
     }
 
+    /// Whether the outbox writer takes a request within [`OUTBOX_PROBE_TIMEOUT`] (a ping: no
+    /// read, no commit, and a commit window stays open).
+    async fn writer_answers(&self) -> Result<(), String> {
+        let Some(outbox) = self.outbox() else {
+            return Err("hub stopping".into());
+        };
+        match tokio::time::timeout(OUTBOX_PROBE_TIMEOUT, outbox.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot reach the outbox writer: {e}")),
+            Err(_) => Err(format!(
+                "the outbox writer did not answer within {} s (stuck commit or disk)",
+                OUTBOX_PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
     /// Liveness for the systemd watchdog: `Ok` only while the hub makes progress — the outbox
-    /// writer answers a request queued behind any pending commits (so those commits completed),
+    /// writer takes a request queued behind everything sent to it before (so it is not stuck
+    /// in a commit, and the commits before its current group completed),
     /// the downlink takes local presence events, and the hub is not stopping.
     pub async fn liveness(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {
             return Err("hub stopping".into());
         }
-        self.depth().await?;
+        self.writer_answers().await?;
         if let Some(d) = self.presence.downlink_stuck() {
             if d > Duration::from_secs(5) {
                 return Err(format!(
@@ -346,13 +363,11 @@ impl OpsContext {
     }
 
     async fn sample(&self) {
-        let total = self
-            .depth()
-            .await
-            .ok()
-            .map(|d| d.values().map(|x| x.rows).sum::<u64>());
-        let delivered = self.metrics.delivered.load(Relaxed);
+        // The writer's own count, not a read: a read of the whole outbox every few seconds
+        // cost the writer a scan of the backlog and ended its commit window (issue 12).
         let Some(outbox) = self.outbox() else { return };
+        let total = Some(outbox.pending_rows());
+        let delivered = self.metrics.delivered.load(Relaxed);
         let commits = outbox.stats().commits.load(Relaxed);
         let errors = outbox.stats().commit_errors.load(Relaxed);
         let mut p = self.progress.lock().expect("ops lock");
@@ -559,9 +574,9 @@ impl OpsContext {
             .iter()
             .filter(|d| self.presence.connections(d.id) > 0)
             .count();
-        let queued = match self.depth().await {
-            Ok(d) => d.values().map(|x| x.rows).sum::<u64>().to_string(),
-            Err(_) => "?".into(),
+        let queued = match self.outbox() {
+            Some(o) => o.pending_rows().to_string(),
+            None => "?".into(),
         };
         format!(
             "{up}/{n} upstream up, {local}/{n} local, {queued} queued, {} in / {} out",

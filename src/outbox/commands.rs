@@ -2,8 +2,17 @@
 //! expiry, handed out oldest first. It must not decide when a device listens (the downlink does).
 
 use super::{Outbox, OutboxError};
-use rusqlite::params;
+use rusqlite::{params, Connection};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// When the first waiting command expires (`i64::MAX` when none waits).
+pub(super) fn earliest_expiry(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT MIN(expires_at) FROM pending_command", [], |r| {
+        r.get::<_, Option<i64>>(0)
+    })
+    .map(|m| m.unwrap_or(i64::MAX))
+}
 
 #[derive(Debug, Default)]
 pub struct TakenCommands {
@@ -24,12 +33,17 @@ impl Outbox {
         ttl_ms: i64,
         max: usize,
     ) -> Result<u64, OutboxError> {
+        let expires = now_ms + ttl_ms;
+        // Before the job is queued, so that a sweep queued behind it runs; and again in the job,
+        // after any sweep that ran before it and raised the mark.
+        self.stats.next_command_expiry.fetch_min(expires, Relaxed);
         self.job(move |w| {
+            w.stats.next_command_expiry.fetch_min(expires, Relaxed);
             let tx = w.conn.transaction()?;
             tx.execute(
                 "INSERT INTO pending_command (device, payload, received_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4)",
-                params![device as i64, payload, now_ms, now_ms + ttl_ms],
+                params![device as i64, payload, now_ms, expires],
             )?;
             let dropped = tx.execute(
                 "DELETE FROM pending_command WHERE device = ?1 AND id NOT IN
@@ -76,15 +90,27 @@ impl Outbox {
     }
 
     /// Discards expired commands; returns (device, count) for each device that lost some.
+    /// Asks the writer only when a waiting command may have expired: the downlink sweeps every
+    /// few seconds, and a job on the writer ends its commit window (at home an extra commit
+    /// every sweep, issue 12).
     pub async fn expire_commands(&self, now_ms: i64) -> Result<Vec<(u64, u64)>, OutboxError> {
+        if now_ms < self.stats.next_command_expiry.load(Relaxed) {
+            return Ok(Vec::new());
+        }
         self.job(move |w| {
-            let mut st = w.conn.prepare_cached(
-                "DELETE FROM pending_command WHERE expires_at <= ?1 RETURNING device",
-            )?;
             let mut per: HashMap<u64, u64> = HashMap::new();
-            for d in st.query_map([now_ms], |r| r.get::<_, i64>(0))? {
-                *per.entry(d? as u64).or_default() += 1;
+            {
+                let mut st = w.conn.prepare_cached(
+                    "DELETE FROM pending_command WHERE expires_at <= ?1 RETURNING device",
+                )?;
+                for d in st.query_map([now_ms], |r| r.get::<_, i64>(0))? {
+                    *per.entry(d? as u64).or_default() += 1;
+                }
             }
+            // Commands queued after this job started lower the mark again in their own job.
+            w.stats
+                .next_command_expiry
+                .store(earliest_expiry(&w.conn)?, Relaxed);
             Ok(per.into_iter().collect())
         })
         .await

@@ -12,10 +12,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Acknowledged rows are deleted in the next append's transaction, or after this long when no
-/// append comes, or at once when `ACK_BATCH` are waiting: a delete of its own cost a commit (a
-/// few pages written to the card) per event at home rates. Until then `fetch` skips them, and
-/// after a crash they are only sent again (at-least-once; `_seq` tells the duplicates).
-pub(super) const ACK_DELAY: Duration = Duration::from_millis(1000);
+/// append comes, or at once when `ACK_BATCH` are waiting: a delete of its own costs a commit (a
+/// few pages written to the card, and a sync). With 1 s, a home sending less than about once a
+/// second paid two commits per group, one for the rows and one for their deletes; with 10 s the
+/// deletes ride on the next group down to one event in 10 s. Until then `fetch` skips them, and
+/// after a crash or power cut they are only sent again (at-least-once; `_seq` tells the
+/// duplicates).
+pub(super) const ACK_DELAY: Duration = Duration::from_secs(10);
 pub(super) const ACK_BATCH: usize = 1024;
 
 /// Most rows kept per device for its uplink; beyond, it reads the outbox instead.

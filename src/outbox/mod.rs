@@ -41,7 +41,7 @@ use writer::Writer;
 use rusqlite::params;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -162,6 +162,9 @@ enum Req {
         oneshot::Sender<Result<Vec<Row>, OutboxError>>,
     ),
     Job(Job),
+    /// `ping`: answered as soon as the writer takes it, even inside a commit window, so the
+    /// watchdog's check neither ends a window nor forces the deferred deletes into a commit.
+    Ping(oneshot::Sender<()>),
 }
 
 /// Cheap-to-clone handle to the writer thread.
@@ -199,6 +202,9 @@ pub struct OutboxStats {
     /// Pending rows and their bytes (kept by the writer).
     pub pending_rows: AtomicU64,
     pub pending_bytes: AtomicU64,
+    /// No waiting command expires before this (ms since the epoch; `i64::MAX`: none waits). May
+    /// be early, never late: [`Outbox::expire_commands`] asks the writer only once it is due.
+    pub next_command_expiry: AtomicI64,
     /// Commit latency histogram: slot `i` counts commits that took more than the previous
     /// bound and at most `COMMIT_BUCKETS_MICROS[i]`; the last slot counts slower ones (+Inf).
     pub commit_buckets: [AtomicU64; COMMIT_BUCKETS_MICROS.len() + 1],
@@ -284,6 +290,13 @@ impl Outbox {
         stats
             .pending_bytes
             .store(bytes as u64 + rows as u64 * ROW_OVERHEAD, Relaxed);
+        stats.next_command_expiry.store(
+            commands::earliest_expiry(&conn).map_err(|source| OutboxError::Open {
+                path: path.clone(),
+                source,
+            })?,
+            Relaxed,
+        );
         // Checkpoints (which fsync) run on their own thread so that a commit never waits for them.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // A WAL that grew in a burst is cut back to this when it starts over.
@@ -403,7 +416,26 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Pending rows per device.
+    /// Answers once the writer thread takes this request, which it does only between commits:
+    /// the writer is alive and every request queued before this one has been taken in. Costs no
+    /// read and no commit (the systemd watchdog's check).
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Req::Ping(reply))
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)
+    }
+
+    /// Rows in the outbox, from the writer's own count (no read): it includes rows MODE
+    /// acknowledged whose delete waits for the next commit (`handoff::ACK_DELAY`).
+    pub fn pending_rows(&self) -> u64 {
+        self.stats.pending_rows.load(Relaxed)
+    }
+
+    /// Pending rows per device (a read of the whole outbox on the writer thread: for operators'
+    /// requests, not for timers).
     pub async fn depth(&self) -> Result<HashMap<u64, DeviceDepth>, OutboxError> {
         self.job(|w| w.depth()).await
     }

@@ -4,7 +4,8 @@ use super::schema::SCHEMA_VERSION;
 use super::*;
 use rusqlite::Connection;
 
-fn rec(device: u64, n: usize) -> NewRecord {
+/// An event of `device` whose body is `{"n": n}` (also used by `tests_v3`).
+pub(super) fn rec(device: u64, n: usize) -> NewRecord {
     NewRecord {
         device,
         kind: Kind::Event,
@@ -405,6 +406,36 @@ async fn commands_wait_bounded_expire_and_come_out_in_order() {
     assert_eq!(t.deliver, vec![vec![3], vec![4]]);
     assert_eq!(t.expired, 1);
     assert!(ob.take_commands(1, 0).await.unwrap().deliver.is_empty());
+}
+
+/// The sweep asks the writer only once a command may have expired, and still expires every
+/// one on time: across reopen, after a sweep raised the mark, and for a command queued later
+/// that expires before the ones already waiting.
+#[tokio::test]
+async fn command_sweeps_skip_the_writer_until_one_is_due_and_miss_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = |ob: &Outbox| ob.stats().next_command_expiry.load(Relaxed);
+    {
+        let (ob, th) = open(dir.path(), OutboxOptions::default());
+        assert_eq!(mark(&ob), i64::MAX, "nothing waits");
+        assert!(ob.expire_commands(i64::MAX - 1).await.unwrap().is_empty());
+        ob.queue_command(1, vec![1], 1000, 500, 8).await.unwrap();
+        ob.queue_command(2, vec![2], 1000, 9000, 8).await.unwrap();
+        assert_eq!(mark(&ob), 1500);
+        drop(ob);
+        th.join().unwrap();
+    }
+    let (ob, _th) = open(dir.path(), OutboxOptions::default());
+    assert_eq!(mark(&ob), 1500, "the mark is read back at open");
+    assert!(ob.expire_commands(1499).await.unwrap().is_empty());
+    assert_eq!(ob.expire_commands(1500).await.unwrap(), vec![(1, 1)]);
+    assert_eq!(mark(&ob), 10_000, "raised to the next one waiting");
+    // Queued later, expiring sooner than the one waiting.
+    ob.queue_command(3, vec![3], 2000, 100, 8).await.unwrap();
+    assert_eq!(ob.expire_commands(2100).await.unwrap(), vec![(3, 1)]);
+    assert_eq!(ob.expire_commands(10_000).await.unwrap(), vec![(2, 1)]);
+    assert_eq!(mark(&ob), i64::MAX);
+    assert!(ob.pending_commands().await.unwrap().is_empty());
 }
 
 #[tokio::test]

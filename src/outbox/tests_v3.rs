@@ -1,20 +1,12 @@
 //! Unit tests of schema v3 (issue 12): the upgrade from v2 keeps every row, id, `_seq` and dead
 //! letter, and `_seq` goes on across restarts although `device_seq` is written only when a
-//! device's newest row is deleted.
+//! device's newest row is deleted; and the writer's watchdog ping, which must not cost a commit.
 
 use super::schema::{MIGRATIONS, SCHEMA_VERSION};
 use super::*;
 use rusqlite::Connection;
 
-fn rec(device: u64, n: usize) -> NewRecord {
-    NewRecord {
-        device,
-        kind: Kind::Event,
-        key: "t".into(),
-        body: format!("{{\"n\":{n}}}"),
-        captured: Capture::at(1),
-    }
-}
+use super::tests::rec;
 
 fn noop() -> Notifier {
     Arc::new(|_| {})
@@ -223,4 +215,43 @@ async fn appends_that_come_during_the_window_share_its_commit() {
     );
     drop(ob);
     th.join().unwrap();
+}
+
+/// The watchdog's ping is answered inside a commit window without ending it, and does not
+/// force the deferred deletes into a commit of their own (a read every few seconds did both:
+/// at home an extra commit, a sync and a few pages on the card every 5 s).
+#[tokio::test]
+async fn a_ping_neither_ends_the_commit_window_nor_forces_a_commit() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OutboxOptions {
+        commit_window: Duration::from_secs(3),
+        ..OutboxOptions::default()
+    };
+    let (ob, _th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
+    let mut waiter = ob.submit(rec(1, 0)).await.unwrap();
+    // The window is open for 3 s: the ping is answered while the append still waits.
+    tokio::time::timeout(Duration::from_secs(2), ob.ping())
+        .await
+        .expect("the ping waited for the window")
+        .unwrap();
+    assert!(
+        waiter.try_recv().is_err(),
+        "the ping ended the commit window"
+    );
+    assert_eq!(ob.stats().commits.load(Relaxed), 0);
+    waiter.await.unwrap().unwrap();
+    assert_eq!(ob.stats().commits.load(Relaxed), 1);
+    // An acknowledged row waits for the next append's commit; pings do not commit it.
+    let row = ob.fetch(1, 0, 10).await.unwrap().remove(0);
+    ob.ack(row.id).await;
+    for _ in 0..3 {
+        ob.ping().await.unwrap();
+    }
+    assert_eq!(ob.stats().commits.load(Relaxed), 1);
+    assert_eq!(ob.stats().rows_acked.load(Relaxed), 0);
+    assert_eq!(ob.pending_rows(), 1, "the acked row is still in the table");
+    ob.append(rec(1, 1)).await.unwrap();
+    assert_eq!(ob.stats().rows_acked.load(Relaxed), 1);
+    assert_eq!(ob.pending_rows(), 1);
 }

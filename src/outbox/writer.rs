@@ -106,6 +106,9 @@ impl Writer {
                         Req::Wake => {}
                         Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
                         Req::Job(j) => jobs.push(j),
+                        Req::Ping(tx) => {
+                            let _ = tx.send(());
+                        }
                     }
                     if appends.len() + self.acks.len() < MAX_BATCH {
                         next = rx.try_recv().ok();

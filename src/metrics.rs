@@ -150,6 +150,8 @@ pub struct FrontStats {
     pub delayed_logins: AtomicU64,
     /// PUBLISHes acknowledged and dropped (topic not allowed, QoS 2).
     pub denied_publishes: AtomicU64,
+    /// QoS 1 PUBLISHes dropped as retransmissions: their packet id's PUBACK was still owed.
+    pub retransmits: AtomicU64,
     /// Connections taken over by a new one with the same device and client id.
     pub taken_over: AtomicU64,
     /// CONNECTs of a protocol other than MQTT 3.1.1.

@@ -33,6 +33,13 @@ impl Acks {
         self.queue.push_back((pkid, Some(waiter)));
     }
 
+    /// Whether a PUBACK for `pkid` is still owed. A client may not reuse a packet id before
+    /// its PUBACK, so a QoS 1 publish with such an id is a retransmission of one already taken
+    /// (clients such as ESP-IDF's resend after 1 s, shorter than a commit window).
+    pub(super) fn owes(&self, pkid: u16) -> bool {
+        self.queue.iter().any(|(p, _)| *p == pkid)
+    }
+
     /// A PUBACK due as soon as those before it went out.
     pub(super) fn now(&mut self, pkid: u16) {
         self.queue.push_back((pkid, None));

@@ -572,6 +572,15 @@ impl Front {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        if p.qos == QoS::AtLeastOnce && acks.owes(p.pkid) {
+            // A retransmission while the first copy waits for its commit (the commit window is
+            // up to 2 s at home rates). Storing it again would give the same event a second
+            // `_seq`: a duplicate no consumer can tell. The first copy's PUBACK answers both; a
+            // second PUBACK could acknowledge a later publish that reuses the id.
+            self.metrics.front.retransmits.fetch_add(1, Relaxed);
+            tracing::debug!(device = %registry.get(dev).name, pkid = p.pkid, "dropped a retransmitted publish whose PUBACK is still owed");
+            return Ok(());
+        }
         if p.topic.contains(['+', '#']) {
             return self
                 .deny(

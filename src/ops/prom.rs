@@ -156,6 +156,7 @@ pub async fn render(ctx: &OpsContext) -> String {
         ("refused_full", &f.refused_full),
         ("login_delayed", &f.delayed_logins),
         ("publish_denied", &f.denied_publishes),
+        ("publish_retransmit", &f.retransmits),
         ("taken_over", &f.taken_over),
         ("bad_protocol", &f.bad_protocol),
     ] {

@@ -283,6 +283,57 @@ async fn refused_publishes_are_acknowledged_and_the_device_stays() {
     hub.wait_log("dropped a publish").await;
 }
 
+/// A client that resends an unacknowledged QoS 1 publish on a timer (ESP-IDF's esp-mqtt does
+/// after 1 s, shorter than the commit window at home rates) gets one PUBACK for it, and MODE
+/// gets the event once: storing each copy would give one event several `_seq`s, duplicates no
+/// consumer can tell apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmission_while_the_puback_is_owed_is_stored_once() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProc::start(&emu, dir.path(), 1, "commit_window_ms = 3000\n", "").await;
+    let (mut c, _) = raw_connect(hub.addr, "esp-mqtt", "dev0", "pw0", 30).await;
+    // The uplink's first read of the outbox would end the commit window early.
+    hub.wait_log("upstream session up").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let topic = "/devices/dev0/event";
+    c.send(publish(topic, QoS::AtLeastOnce, 7, event_json(1)))
+        .await
+        .unwrap();
+    // Resent (DUP set, same id) while the first copy waits for its group commit.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut again = Publish::new(topic, QoS::AtLeastOnce, event_json(1));
+        again.pkid = 7;
+        again.dup = true;
+        c.send(Packet::Publish(again)).await.unwrap();
+    }
+    c.send(publish(topic, QoS::AtLeastOnce, 8, event_json(2)))
+        .await
+        .unwrap();
+    // PUBACKs go out in publish order: a second PUBACK 7 would come before 8.
+    let mut acked = Vec::new();
+    while acked.last() != Some(&8) {
+        match next(&mut c).await {
+            Some(Packet::PubAck(a)) => acked.push(a.pkid),
+            Some(_) => {}
+            None => panic!("hub closed the connection; PUBACKs so far {acked:?}"),
+        }
+    }
+    assert_eq!(acked, vec![7, 8]);
+    // Per-device order is kept, so a stored copy would arrive before event 2.
+    assert_eq!(
+        ns(&wait_events(&emu.handle(), device_id(0), 2).await),
+        vec![1, 2]
+    );
+    // Once acknowledged, the id is free again: the same id is a new publish.
+    publish_acked(&mut c, topic, 7, event_json(3)).await;
+    assert_eq!(
+        ns(&wait_events(&emu.handle(), device_id(0), 3).await),
+        vec![1, 2, 3]
+    );
+}
+
 /// Item 3: UNSUBACK, CONNACK 0x01 for MQTT 5 and 3.1, and takeover by client id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsuback_protocol_level_and_takeover() {

@@ -309,8 +309,9 @@ impl OpsContext {
         }
     }
 
-    /// Whether the outbox writer takes a request within [`OUTBOX_PROBE_TIMEOUT`] (a ping: no
-    /// read, no commit, and a commit window stays open).
+    /// Whether the outbox writer answers a ping within [`OUTBOX_PROBE_TIMEOUT`]: answered after
+    /// the commit of its group (so pending commits completed), without a read or a commit of its
+    /// own, and without ending a commit window.
     async fn writer_answers(&self) -> Result<(), String> {
         let Some(outbox) = self.outbox() else {
             return Err("hub stopping".into());
@@ -326,8 +327,7 @@ impl OpsContext {
     }
 
     /// Liveness for the systemd watchdog: `Ok` only while the hub makes progress — the outbox
-    /// writer takes a request queued behind everything sent to it before (so it is not stuck
-    /// in a commit, and the commits before its current group completed),
+    /// writer answers a ping queued behind any pending commits (so those commits completed),
     /// the downlink takes local presence events, and the hub is not stopping.
     pub async fn liveness(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {

@@ -162,8 +162,8 @@ enum Req {
         oneshot::Sender<Result<Vec<Row>, OutboxError>>,
     ),
     Job(Job),
-    /// `ping`: answered as soon as the writer takes it, even inside a commit window, so the
-    /// watchdog's check neither ends a window nor forces the deferred deletes into a commit.
+    /// `ping`: answered after the current group's commit, like a job, but it neither ends the
+    /// commit window nor forces the deferred deletes into a commit (the watchdog's check).
     Ping(oneshot::Sender<()>),
 }
 
@@ -416,9 +416,9 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Answers once the writer thread takes this request, which it does only between commits:
-    /// the writer is alive and every request queued before this one has been taken in. Costs no
-    /// read and no commit (the systemd watchdog's check).
+    /// Answers after the commit of the group this request joined: the writer is alive and
+    /// everything queued before this one is committed. Costs no read and no commit of its own,
+    /// and does not end the commit window (the systemd watchdog's check).
     pub async fn ping(&self) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.tx

@@ -51,6 +51,7 @@ impl Writer {
         let mut appends: Vec<(NewRecord, CommitReply)> = Vec::new();
         let mut jobs: Vec<Job> = Vec::new();
         let mut fetches = Vec::new();
+        let mut pings: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
         let mut touched: Vec<u64> = Vec::new();
         // Only to wait for a request with a deadline (the deferred acknowledgements).
         let timer = tokio::runtime::Builder::new_current_thread()
@@ -106,9 +107,7 @@ impl Writer {
                         Req::Wake => {}
                         Req::Fetch(d, after, limit, tx) => fetches.push((d, after, limit, tx)),
                         Req::Job(j) => jobs.push(j),
-                        Req::Ping(tx) => {
-                            let _ = tx.send(());
-                        }
+                        Req::Ping(tx) => pings.push(tx),
                     }
                     if appends.len() + self.acks.len() < MAX_BATCH {
                         next = rx.try_recv().ok();
@@ -209,6 +208,9 @@ impl Writer {
                         }
                     }
                 }
+            }
+            for tx in pings.drain(..) {
+                let _ = tx.send(());
             }
             for (d, after, limit, tx) in fetches.drain(..) {
                 let _ = tx.send(self.fetch(d, after, limit));

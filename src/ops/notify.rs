@@ -11,10 +11,20 @@
 //! - `STOPPING=1` when shutdown starts.
 //!
 //! Without `NOTIFY_SOCKET` (not under systemd) every call is a no-op.
+//!
+//! Every message is one datagram sent **without blocking**: the hub's async work runs on one
+//! thread, and a service manager that is slow to read (a full socket queue: ten datagrams by
+//! default, `net.unix.max_dgram_qlen`) must not stall PUBACKs and uploads. A message that does
+//! not fit is dropped and counted, and the next one is tried as usual (a dropped ping is a late
+//! ping; systemd waits `WatchdogSec=`, three ping periods).
 
 use super::OpsContext;
 use crate::Hub;
 use sd_notify::NotifyState;
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,21 +34,33 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// Talks to the service manager, if there is one.
 #[derive(Debug, Clone)]
 pub struct SystemdNotifier {
-    enabled: bool,
+    /// `NOTIFY_SOCKET`: a path, or `@name` for an abstract socket.
+    socket: Option<OsString>,
     watchdog: Option<Duration>,
+    /// Messages dropped because the socket's queue was full (the manager does not read).
+    dropped: Arc<AtomicU64>,
+    /// Dropped since the last message that got through (to log once per stall).
+    streak: Arc<AtomicU64>,
 }
 
 impl SystemdNotifier {
     /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from the environment.
     pub fn from_env() -> SystemdNotifier {
         SystemdNotifier {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            socket: std::env::var_os("NOTIFY_SOCKET").filter(|s| !s.is_empty()),
             watchdog: sd_notify::watchdog_enabled(),
+            dropped: Arc::default(),
+            streak: Arc::default(),
         }
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.socket.is_some()
+    }
+
+    /// Messages dropped so far because the service manager's socket queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
     }
 
     /// The watchdog period systemd asked for (`WatchdogSec=`), if any.
@@ -47,11 +69,31 @@ impl SystemdNotifier {
     }
 
     fn send(&self, states: &[NotifyState]) {
-        if !self.enabled {
+        let Some(socket) = &self.socket else {
             return;
+        };
+        let mut msg = String::new();
+        for s in states {
+            msg.push_str(&s.to_string());
+            msg.push('\n');
         }
-        if let Err(e) = sd_notify::notify(states) {
-            tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+        match send_datagram(socket, msg.as_bytes()) {
+            Ok(()) => {
+                let streak = self.streak.swap(0, Relaxed);
+                if streak > 0 {
+                    tracing::info!(
+                        dropped = streak,
+                        "the service manager reads notifications again"
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.dropped.fetch_add(1, Relaxed);
+                if self.streak.fetch_add(1, Relaxed) == 0 {
+                    tracing::warn!("the service manager's notify socket is full (it does not read): dropping notifications until it reads again");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)"),
         }
     }
 
@@ -105,6 +147,38 @@ impl SystemdNotifier {
             }
         }
     }
+}
+
+/// One datagram to `socket` (a path, or `@name` for Linux's abstract namespace), without
+/// blocking: `WouldBlock` when the receiver's queue is full.
+fn send_datagram(socket: &std::ffi::OsStr, msg: &[u8]) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::SocketAddr;
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let addr = match socket.as_bytes().strip_prefix(b"@") {
+        #[cfg(target_os = "linux")]
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)?
+        }
+        #[cfg(not(target_os = "linux"))]
+        Some(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "abstract NOTIFY_SOCKET names exist only on Linux",
+            ))
+        }
+        None => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+    };
+    let sent = sock.send_to_addr(msg, &addr)?;
+    if sent != msg.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "notification cut short",
+        ));
+    }
+    Ok(())
 }
 
 impl Hub {

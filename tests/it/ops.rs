@@ -236,6 +236,94 @@ async fn notify_ready_watchdog_status_reload_and_sigterm() {
     );
 }
 
+/// A service manager that stops reading its notify socket must not stall the hub. Its queue
+/// holds `net.unix.max_dgram_qlen` datagrams (ten on Debian's default); a blocking send to a
+/// full queue held the hub's one async thread, and PUBACKs and uploads stopped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_manager_that_does_not_read_does_not_stall_the_hub() {
+    let emu = emulator(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg_path = dir.path().join("hub.toml");
+    std::fs::write(&cfg_path, binary_config(&emu, dir.path(), 1, port)).unwrap();
+    // Bound and never read.
+    let (systemd, sock) = FakeSystemd::bind(dir.path());
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env("NOTIFY_SOCKET", &sock)
+        // A ping (with a status line) every 50 ms.
+        .env("WATCHDOG_USEC", "150000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start modehub");
+    let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(512);
+    let outcome = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the local port never listened");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Twice the pings the queue holds, and then some.
+        tokio::time::sleep(Duration::from_millis(100 * qlen + 1000)).await;
+        let mut s =
+            Sensor::connect(format!("127.0.0.1:{port}").parse().unwrap(), "dev0", "pw0").await;
+        s.publish_all("/devices/dev0/event", (1..=5).map(event_json).collect())
+            .await;
+        assert_eq!(
+            ns(&wait_events(&emu.handle(), device_id(0), 5).await),
+            vec![1, 2, 3, 4, 5]
+        );
+        // The queue is full: what is in it is at most what it holds (one over the limit), READY=1
+        // first.
+        let mut buf = vec![0u8; 4096];
+        let mut queued = Vec::new();
+        while let Ok(n) = systemd.sock.try_recv(&mut buf) {
+            queued.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+        assert!(
+            !queued.is_empty() && queued.len() as u64 <= qlen + 1,
+            "{} queued",
+            queued.len()
+        );
+        assert!(queued[0].contains("READY=1"), "{queued:?}");
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)),
+    )
+    .await;
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let stop = Instant::now();
+    while child.try_wait().unwrap().is_none() && stop.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => {
+            eprintln!("hub log:\n{stderr}");
+            std::panic::resume_unwind(panic)
+        }
+        Err(_) => panic!("timed out; hub log:\n{stderr}"),
+    }
+    assert!(status.success(), "exit {status:?}; hub log:\n{stderr}");
+    assert!(
+        stderr.contains("notify socket is full"),
+        "the drop is logged: {stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchdog_is_withheld_while_the_outbox_writer_is_stuck() {
     let emu = emulator(1).await;

@@ -28,6 +28,8 @@ mod seqfloor;
 mod tests;
 #[cfg(test)]
 mod tests_v3;
+#[cfg(test)]
+mod tests_v4;
 mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
@@ -35,7 +37,7 @@ use checkpoint::{Checkpointer, WAL_KEEP_BYTES};
 pub use commands::TakenCommands;
 use handoff::{Acked, Handoff, ACK_BATCH};
 pub use inspect::{dead_letters, inspect, schema_version, DeviceReport, OutboxReport};
-use schema::{load_start, open_db, ROW_OVERHEAD};
+use schema::{load_start, open_db, set_seq_dirty, ROW_OVERHEAD};
 use writer::Writer;
 
 use rusqlite::params;
@@ -281,6 +283,20 @@ impl Outbox {
         let start = load_start(&conn)?;
         let mut seqs = start.seqs;
         floor.apply(&mut seqs);
+        if start.seq_dirty {
+            let moved = floor.raise_to_marks(&mut seqs);
+            if moved > 0 {
+                tracing::warn!(
+                    devices = moved,
+                    "the outbox writer did not stop cleanly last time (crash, kill or power cut): _seq continues at the seq-floor mark, a gap of at most {} per device, never a repeat",
+                    seqfloor::BLOCK
+                );
+            }
+        }
+        set_seq_dirty(&conn, true).map_err(|source| OutboxError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let (rows, bytes): (i64, i64) = conn.query_row(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0) FROM outbox",
             [],
@@ -321,6 +337,7 @@ impl Outbox {
             stats: stats.clone(),
             dropping: false,
             pace: pace::Pace::default(),
+            unsynced_from: start.unsynced_from,
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())
@@ -454,11 +471,17 @@ impl Outbox {
     /// `wall = mono_ms + offset_ms`. Returns how many rows were repaired.
     pub async fn repair_capture(&self, boot_id: i64, offset_ms: i64) -> Result<u64, OutboxError> {
         self.job(move |w| {
-            Ok(w.conn.execute(
+            // Every row of this boot still unsynchronised has an id from here on.
+            let Some(&from) = w.unsynced_from.get(&boot_id) else {
+                return Ok(0);
+            };
+            let n = w.conn.execute(
                 "UPDATE outbox SET captured_at = mono_ms + ?2, synced = 1
-                 WHERE synced = 0 AND boot_id = ?1",
-                params![boot_id, offset_ms],
-            )? as u64)
+                 WHERE id >= ?3 AND synced = 0 AND boot_id = ?1",
+                params![boot_id, offset_ms, from],
+            )? as u64;
+            w.unsynced_from.remove(&boot_id);
+            Ok(n)
         })
         .await
     }

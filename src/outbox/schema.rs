@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 /// Rough per-row overhead counted against `max_bytes` (row header, index entries).
 pub(super) const ROW_OVERHEAD: u64 = 48;
 
@@ -106,6 +106,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_kv ON outbox(device, key) WHERE kind != 0;
     CREATE INDEX outbox_unsynced ON outbox(boot_id) WHERE synced = 0;
 ",
+    // v4 (issue 12): no `outbox_unsynced` index. On a Pi whose clock is not synchronised every
+    // row went into it, a page per commit; the writer keeps the first unsynchronised row id of
+    // each boot in memory (read back at open) and the repair scans from there by rowid.
+    "
+    DROP INDEX IF EXISTS outbox_unsynced;
+",
 ];
 
 /// Where the writer starts: the next id to hand out (above every row and dead letter, and above
@@ -116,6 +122,11 @@ pub(super) struct Start {
     pub(super) next_id: i64,
     pub(super) seqs: HashMap<u64, u64>,
     pub(super) stored_seqs: HashMap<u64, u64>,
+    /// The last writer did not stop cleanly (meta `seq_dirty`): `device_seq` may be behind the
+    /// numbers it handed out, so every device continues at its `seq-floor` mark.
+    pub(super) seq_dirty: bool,
+    /// Per boot, the lowest id of a row captured before the clock was synchronised.
+    pub(super) unsynced_from: HashMap<i64, i64>,
 }
 
 pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
@@ -146,11 +157,47 @@ pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
             *next = (*next).max(s as u64);
         }
     }
+    let seq_dirty: i64 = conn.query_row(
+        "SELECT COALESCE((SELECT value FROM meta WHERE key = 'seq_dirty'), 0)",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut unsynced_from = HashMap::new();
+    {
+        let mut st =
+            conn.prepare("SELECT boot_id, MIN(id) FROM outbox WHERE synced = 0 GROUP BY boot_id")?;
+        for r in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
+            let (boot, id) = r?;
+            unsynced_from.insert(boot, id);
+        }
+    }
     Ok(Start {
         next_id,
         seqs,
         stored_seqs,
+        seq_dirty: seq_dirty != 0,
+        unsynced_from,
     })
+}
+
+/// Sets meta `seq_dirty` (a writer is running, `device_seq` may fall behind) or clears it (a
+/// writer stopped and wrote `device_seq` in the same transaction). Setting it is synced
+/// before it returns, so no number is handed out before a power cut could lose the flag.
+pub(super) fn set_seq_dirty(conn: &Connection, dirty: bool) -> rusqlite::Result<()> {
+    if dirty {
+        let was: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let done = conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('seq_dirty', 1)
+             ON CONFLICT(key) DO UPDATE SET value = 1",
+            [],
+        );
+        conn.pragma_update(None, "synchronous", was)?;
+        done.map(|_| ())
+    } else {
+        conn.execute("DELETE FROM meta WHERE key = 'seq_dirty'", [])
+            .map(|_| ())
+    }
 }
 
 pub(super) fn is_corruption(e: &rusqlite::Error) -> bool {

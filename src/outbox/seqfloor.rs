@@ -65,6 +65,21 @@ impl SeqFloor {
         }
     }
 
+    /// After a writer that did not stop cleanly: every device with a mark continues at it (the
+    /// database's `device_seq` is written only at a clean stop, so it may be behind). A gap of
+    /// at most [`BLOCK`], never a repeat. Returns how many devices moved.
+    pub(super) fn raise_to_marks(&self, seqs: &mut HashMap<u64, u64>) -> usize {
+        let mut moved = 0;
+        for (&d, &mark) in &self.marks {
+            let next = seqs.entry(d).or_insert(1);
+            if *next < mark {
+                *next = mark;
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// Makes sure numbers below `next` of each `(device, next)` are under the mark, writing
     /// the file first if a mark has to move.
     pub(super) fn cover(

@@ -227,8 +227,19 @@ async fn corrupt_file_is_moved_aside_never_deleted_and_rows_are_salvaged() {
     let page = 4096;
     let pages = bytes.len() / page;
     assert!(pages > 8);
-    // Scribble over a page in the middle of the table.
-    for b in &mut bytes[(pages / 2) * page..(pages / 2) * page + page] {
+    // Scribble over a 4 KiB page in the middle of the table that holds only leaves (eight
+    // 512-byte b-tree pages of type 13, rows, or 10, index entries) and some rows: a damaged
+    // interior page would hide every row under it from the salvage's ordered reads, and where
+    // those land depends on the schema's layout.
+    let kinds = |c: usize| -> Vec<u8> { (0..8).map(|i| bytes[c * page + i * 512]).collect() };
+    let chunk = (pages / 2..pages)
+        .chain((1..pages / 2).rev())
+        .find(|&c| {
+            let k = kinds(c);
+            k.iter().all(|&k| k == 0x0d || k == 0x0a) && k.contains(&0x0d)
+        })
+        .expect("a 4 KiB page of leaves");
+    for b in &mut bytes[chunk * page..chunk * page + page] {
         *b = 0xA5;
     }
     std::fs::write(&path, &bytes).unwrap();

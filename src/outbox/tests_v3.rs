@@ -1,6 +1,6 @@
 //! Unit tests of schema v3 (issue 12): the upgrade from v2 keeps every row, id, `_seq` and dead
-//! letter, and `_seq` goes on across restarts although `device_seq` is written only when a
-//! device's newest row is deleted; and the writer's watchdog ping, which must not cost a commit.
+//! letter; the commit window; and the writer's watchdog ping, which must not cost a commit.
+//! (`_seq` across clean and unclean stops: `tests_v4.rs`.)
 
 use super::schema::{MIGRATIONS, SCHEMA_VERSION};
 use super::*;
@@ -80,56 +80,6 @@ async fn a_v2_database_upgrades_keeping_rows_ids_seqs_and_dead_letters() {
         )
         .unwrap();
     assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
-}
-
-#[tokio::test]
-async fn seq_goes_on_across_restarts_with_device_seq_written_only_on_deletes() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ob, th) = Outbox::open(dir.path(), false, noop()).unwrap();
-    for n in 0..3 {
-        ob.append(rec(5, n)).await.unwrap();
-        ob.append(rec(6, n)).await.unwrap();
-    }
-    let stored = |dir: &Path| -> Vec<(i64, i64)> {
-        let c = Connection::open(dir.join("hub.db")).unwrap();
-        let mut st = c
-            .prepare("SELECT device, next_seq FROM device_seq ORDER BY device")
-            .unwrap();
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        rows.map(Result::unwrap).collect()
-    };
-    assert_eq!(
-        stored(dir.path()),
-        vec![],
-        "appends alone do not write device_seq"
-    );
-    // Device 5: every row acknowledged (its newest goes); device 6: only the oldest.
-    let five = ob.fetch(5, 0, 10).await.unwrap();
-    for r in &five {
-        ob.ack(r.id).await;
-    }
-    let last_id = ob.fetch(6, 0, 10).await.unwrap()[0].id;
-    ob.ack(last_id).await;
-    drop(ob);
-    th.join().unwrap();
-    assert_eq!(stored(dir.path()), vec![(5, 4)]);
-
-    let (ob, th) = Outbox::open(dir.path(), false, noop()).unwrap();
-    assert_eq!(ob.fetch(5, 0, 10).await.unwrap(), vec![]);
-    ob.append(rec(5, 3)).await.unwrap();
-    ob.append(rec(6, 3)).await.unwrap();
-    let five = ob.fetch(5, 0, 10).await.unwrap();
-    let six = ob.fetch(6, 0, 10).await.unwrap();
-    assert_eq!(
-        five[0].dev_seq, 4,
-        "from device_seq: no row of device 5 is left"
-    );
-    let seqs: Vec<u64> = six.iter().map(|r| r.dev_seq).collect();
-    assert_eq!(seqs, vec![2, 3, 4], "from the rows left");
-    // Ids are never handed out twice while the hub runs, even the deleted newest one's.
-    assert!(five[0].id > last_id && six[2].id > five[0].id);
-    drop(ob);
-    th.join().unwrap();
 }
 
 #[test]

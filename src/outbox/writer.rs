@@ -25,7 +25,7 @@ pub(super) struct Writer {
     pub(super) opts: OutboxOptions,
     /// Next per-device sequence number.
     pub(super) seqs: HashMap<u64, u64>,
-    /// What `device_seq` holds per device (written only when a device's newest row goes).
+    /// What `device_seq` holds per device (written only at a clean stop).
     pub(super) stored_seqs: HashMap<u64, u64>,
     /// The next row id to hand out.
     pub(super) next_id: i64,
@@ -44,6 +44,9 @@ pub(super) struct Writer {
     pub(super) committed: Vec<(u64, Option<Row>)>,
     /// The arrival rate and when each device was last answered, for the commit window.
     pub(super) pace: super::pace::Pace,
+    /// Per boot, the lowest id of a row captured before the clock was synchronised (where
+    /// `repair_capture` starts; no index on disk).
+    pub(super) unsynced_from: HashMap<i64, i64>,
 }
 
 impl Writer {
@@ -199,8 +202,9 @@ impl Writer {
                         self.stats.commit_errors.fetch_add(1, Relaxed);
                         let e = self.classify(e);
                         tracing::error!(error = %e, rows = appends.len(), "outbox commit failed; nothing was acknowledged");
-                        // The in-memory sequence numbers may be ahead of the database now.
-                        self.reload_seqs();
+                        // The sequence numbers of the failed commit are not handed out again
+                        // (a gap, never a repeat: they may have been logged or sent nowhere,
+                        // but the seq-floor mark already covers them).
                         self.committed.clear();
                         let e = Arc::new(e);
                         for (_, tx) in appends.drain(..) {
@@ -227,6 +231,9 @@ impl Writer {
             if let Err(e) = self.commit(&[], &acks) {
                 tracing::warn!(error = %e, "cannot delete acknowledged rows at shutdown; they will be sent again");
             }
+        }
+        if let Err(e) = self.store_seqs_and_stop() {
+            tracing::warn!(error = %e, "cannot store the sequence numbers at shutdown; _seq continues at the seq-floor mark next time (a gap, never a repeat)");
         }
         tracing::debug!("outbox writer stopped");
     }
@@ -274,27 +281,25 @@ impl Writer {
         Ok(())
     }
 
-    pub(super) fn reload_seqs(&mut self) {
-        match super::schema::load_start(&self.conn) {
-            Ok(start) => {
-                let mut seqs = start.seqs;
-                self.floor.apply(&mut seqs);
-                self.seqs = seqs;
-                self.stored_seqs = start.stored_seqs;
-                // Ids are never handed out twice, even those of a failed commit.
-                self.next_id = self.next_id.max(start.next_id);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot re-read the sequence numbers; keeping the ones in memory")
-            }
+    /// A clean stop: `device_seq` gets every device's next number and meta `seq_dirty` is
+    /// cleared, in one transaction (while the writer runs, `device_seq` is not written at all:
+    /// at home rates it cost a page per commit; a stop that does not get here is handled at
+    /// the next open by the `seq-floor` marks).
+    pub(super) fn store_seqs_and_stop(&mut self) -> Result<(), OutboxError> {
+        let behind: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(d, next)| self.stored_seqs.get(d).is_none_or(|s| s < next))
+            .map(|(d, _)| *d)
+            .collect();
+        let tx = self.conn.transaction()?;
+        store_seqs(&tx, &self.seqs, &behind)?;
+        super::schema::set_seq_dirty(&tx, false)?;
+        tx.commit()?;
+        for d in behind {
+            self.stored_seqs.insert(d, self.seqs[&d]);
         }
-    }
-
-    fn stored(&mut self, devices: &[u64]) {
-        for d in devices {
-            let next = self.seqs.get(d).copied().unwrap_or(1);
-            self.stored_seqs.insert(*d, next);
-        }
+        Ok(())
     }
 
     pub(super) fn commit(
@@ -320,8 +325,6 @@ impl Writer {
         let mut rows_delta: i64 = 0;
         let mut bytes_delta: i64 = 0;
         let mut coalesced = 0u64;
-        // Devices whose newest row this commit deletes: `device_seq` must say where they are.
-        let mut seq_store: Vec<u64> = Vec::new();
         {
             let now = now_ms();
             let mut ins = tx.prepare_cached(
@@ -338,7 +341,7 @@ impl Writer {
             // last pages takes the new rows, so a commit rewrites fewer pages (at home rates,
             // where each commit deletes the previous one's rows, about half as many).
             let mut del = tx.prepare_cached(
-                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body, dev_seq",
+                "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body",
             )?;
             let mut mirror_set = tx.prepare_cached(
                 "INSERT INTO kv_mirror (device, key, value, rev)
@@ -346,17 +349,10 @@ impl Writer {
                  ON CONFLICT(device, key) DO UPDATE SET value = excluded.value",
             )?;
             for id in acks {
-                let gone: Option<(i64, i64, String, String, i64)> = del
-                    .query_row([id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-                    })
+                let gone: Option<(i64, i64, String, String)> = del
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                     .optional()?;
-                if let Some((device, kind, key, body, seq)) = gone {
-                    if seq_needs_store(&self.seqs, &self.stored_seqs, device as u64, seq as u64)
-                        && !seq_store.contains(&(device as u64))
-                    {
-                        seq_store.push(device as u64);
-                    }
+                if let Some((device, kind, key, body)) = gone {
                     rows_delta -= 1;
                     bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
                     // MODE has it now: the mirror reflects it until MODE says otherwise.
@@ -383,6 +379,9 @@ impl Writer {
                 }
                 let id = self.next_id;
                 self.next_id += 1;
+                if !rec.captured.synced {
+                    self.unsynced_from.entry(rec.captured.boot_id).or_insert(id);
+                }
                 let seq = self.seqs.entry(rec.device).or_insert(1);
                 ins.execute(params![
                     id,
@@ -413,12 +412,8 @@ impl Writer {
                 bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
                 *seq += 1;
             }
-            // A device that also got a new row here has it to say where its `_seq` is.
-            seq_store.retain(|d| !appends.iter().any(|(rec, _)| rec.device == *d));
-            store_seqs(&tx, &self.seqs, &seq_store)?;
         }
         tx.commit()?;
-        self.stored(&seq_store);
         self.stats.kv_coalesced.fetch_add(coalesced, Relaxed);
         add_signed(&self.stats.pending_rows, rows_delta);
         add_signed(&self.stats.pending_bytes, bytes_delta);
@@ -448,36 +443,18 @@ impl Writer {
                 .max((bytes - self.opts.max_bytes as f64 * 0.95) / avg)
                 .ceil()
                 .clamp(1.0, 512.0) as i64;
-            // The drop and the `device_seq` of a device whose newest row it dropped commit
-            // together.
-            let tx = self.conn.transaction()?;
-            let gone: Vec<(i64, i64, i64)> = {
-                let mut st = tx.prepare_cached(
+            let lens: Vec<i64> = self
+                .conn
+                .prepare_cached(
                     "DELETE FROM outbox WHERE id IN
                        (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
-                     RETURNING LENGTH(body) + LENGTH(key), device, dev_seq",
-                )?;
-                let rows = st.query_map([excess], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            if gone.is_empty() {
+                     RETURNING LENGTH(body) + LENGTH(key)",
+                )?
+                .query_map([excess], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if lens.is_empty() {
                 break; // only kv state left: keep it
             }
-            let mut seq_store: Vec<u64> = Vec::new();
-            for &(_, d, seq) in &gone {
-                if seq_needs_store(&self.seqs, &self.stored_seqs, d as u64, seq as u64)
-                    && !seq_store.contains(&(d as u64))
-                {
-                    seq_store.push(d as u64);
-                }
-            }
-            store_seqs(&tx, &self.seqs, &seq_store)?;
-            tx.commit()?;
-            for d in &seq_store {
-                let next = self.seqs.get(d).copied().unwrap_or(1);
-                self.stored_seqs.insert(*d, next);
-            }
-            let lens: Vec<i64> = gone.iter().map(|g| g.0).collect();
             dropped += lens.len() as u64;
             add_signed(&self.stats.pending_rows, -(lens.len() as i64));
             add_signed(
@@ -545,6 +522,10 @@ impl Writer {
                     r.captured.mono_ms
                 ])?;
                 if added > 0 {
+                    if !r.captured.synced {
+                        let from = self.unsynced_from.entry(r.captured.boot_id).or_insert(r.id);
+                        *from = (*from).min(r.id);
+                    }
                     n += 1;
                     bytes += (r.body.len() + r.key.len()) as u64 + ROW_OVERHEAD;
                 }
@@ -629,19 +610,7 @@ impl Writer {
     }
 }
 
-/// After deleting a row of `device` numbered `seq`: when it was the device's newest, the rows
-/// left no longer say where `_seq` goes on, so `device_seq` must (in the same transaction).
-pub(super) fn seq_needs_store(
-    seqs: &HashMap<u64, u64>,
-    stored: &HashMap<u64, u64>,
-    device: u64,
-    seq: u64,
-) -> bool {
-    let next = seqs.get(&device).copied().unwrap_or(1);
-    seq + 1 >= next && stored.get(&device).copied().unwrap_or(0) < next
-}
-
-/// Writes `device_seq` for `devices` inside `tx`; [`Writer::stored`] once it is committed.
+/// Writes `device_seq` for `devices` inside `tx` (at a clean stop).
 pub(super) fn store_seqs(
     tx: &Connection,
     seqs: &HashMap<u64, u64>,

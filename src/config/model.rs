@@ -127,7 +127,8 @@ pub struct HubConfig {
     pub max_outbox_rows: u64,
     /// Stop accepting new events when the data directory's file system has less free space.
     pub min_free_disk: u64,
-    /// `"normal"`: a crash loses nothing acknowledged (SQLite WAL, synchronous=NORMAL);
+    /// `"normal"`: a crash loses nothing acknowledged (SQLite WAL, synchronous=NORMAL); a power
+    /// cut may lose what the WAL sync (64 rows or 5 s) had not reached yet;
     /// `"full"`: also survives power cuts (an fsync per group commit).
     pub durability: Durability,
     /// At low arrival rates (home rates: a few events a second) the outbox holds a group

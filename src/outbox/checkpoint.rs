@@ -9,13 +9,22 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How often the checkpointer looks: it makes the commits since its last look durable
-/// (`fdatasync` of the WAL), which keeps a power cut's loss to a fraction of a second.
+/// How often the checkpointer looks. At each look it makes the commits since the last sync
+/// durable (`fdatasync` of the WAL) once [`SYNC_ROWS`] rows are unsynced or the oldest unsynced
+/// commit is [`SYNC_AT_LEAST_EVERY`] old: a power cut loses at most the last half second under
+/// load, and at most the last ~5 s (fewer than [`SYNC_ROWS`] events) at home rates.
 pub(super) const SYNC_EVERY: Duration = Duration::from_millis(500);
+/// Unsynced rows that make the next look sync.
+pub(super) const SYNC_ROWS: u64 = 64;
+/// The longest a commit stays unsynced (plus one look). Why not every look: each sync makes the
+/// WAL's last, partly written 4 KiB page clean, and the next commit writes it again; at home
+/// rates (a group commit every ~2 s) a sync per commit was ~4 KiB of a ~9 KiB commit, and an SD
+/// card writes that page once per sync (issue 12: 1,038 -> ~800 B per event at home).
+pub(super) const SYNC_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
 /// How often it copies the WAL into the database file (a checkpoint: two fsyncs and every
 /// touched database page written again), unless `CHECKPOINT_COMMITS` commits come first (under
 /// load it still checkpoints at every look, as before). At home rates each checkpoint rewrote
-/// the same few pages for a few events; the WAL is synced every `SYNC_EVERY` whatever this is,
+/// the same few pages for a few events; the WAL is synced by the rule above whatever this is,
 /// so a longer cadence costs no durability, only a longer WAL (issue 12: every 500 ms, then
 /// 5 s, then 60 s / 32 commits, where a checkpoint still cost ~70 B per event at home: ~24 KB
 /// pages of `hub.db` rewritten each minute; now 5 min / 128 commits, a WAL of ~0.8 MB at home).
@@ -68,6 +77,9 @@ impl Checkpointer {
                 };
                 let mut wal: Option<std::fs::File> = None;
                 let mut synced_commits = stats.commits.load(Relaxed);
+                let mut synced_rows = stats.rows_appended.load(Relaxed);
+                // When this thread first saw commits that are not synced yet.
+                let mut unsynced_since: Option<Instant> = None;
                 let mut checkpointed_commits = synced_commits;
                 let mut checkpointed_at = Instant::now();
                 loop {
@@ -76,6 +88,7 @@ impl Checkpointer {
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                     );
                     let commits = stats.commits.load(Relaxed);
+                    let rows = stats.rows_appended.load(Relaxed);
                     let due = stopping
                         || commits - checkpointed_commits >= CHECKPOINT_COMMITS
                         || (commits != checkpointed_commits
@@ -91,19 +104,30 @@ impl Checkpointer {
                             Ok(_) => {
                                 checkpointed_commits = commits;
                                 synced_commits = commits;
+                                synced_rows = rows;
+                                unsynced_since = None;
                                 checkpointed_at = Instant::now();
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "outbox checkpoint failed; retrying later")
                             }
                         }
-                    } else if commits != synced_commits && !sync_full {
+                    } else if commits != synced_commits
+                        && !sync_full
+                        && (rows.saturating_sub(synced_rows) >= SYNC_ROWS
+                            || unsynced_since.get_or_insert_with(Instant::now).elapsed()
+                                >= SYNC_AT_LEAST_EVERY)
+                    {
                         // (With `synchronous=FULL` every commit is synced already.)
                         if wal.is_none() {
                             wal = std::fs::File::open(&wal_path).ok();
                         }
                         match wal.as_ref().map(|f| f.sync_data()) {
-                            Some(Ok(())) => synced_commits = commits,
+                            Some(Ok(())) => {
+                                synced_commits = commits;
+                                synced_rows = rows;
+                                unsynced_since = None;
+                            }
                             Some(Err(e)) => {
                                 tracing::warn!(error = %e, "cannot sync the outbox WAL; retrying");
                                 wal = None;

@@ -112,8 +112,8 @@ impl OutboxError {
 /// Bounds and durability of the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxOptions {
-    /// `synchronous=FULL` (fsync every commit) instead of NORMAL (fsync at checkpoints; a power
-    /// cut may lose the last commits but never corrupts).
+    /// `synchronous=FULL` (fsync every commit) instead of NORMAL (the checkpointer syncs the
+    /// WAL once 64 rows or 5 s of commits wait; a power cut may lose those but never corrupts).
     pub sync_full: bool,
     /// Above this many bytes of pending messages the oldest events are dropped.
     pub max_bytes: u64,

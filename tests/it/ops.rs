@@ -281,18 +281,14 @@ async fn a_service_manager_that_does_not_read_does_not_stall_the_hub() {
             ns(&wait_events(&emu.handle(), device_id(0), 5).await),
             vec![1, 2, 3, 4, 5]
         );
-        // The queue is full: what is in it is at most what it holds (one over the limit), READY=1
-        // first.
+        // What the queue kept is the oldest: READY=1 first. (How many it holds is not asserted:
+        // the hub's pings go on arriving while it is drained.)
         let mut buf = vec![0u8; 4096];
         let mut queued = Vec::new();
         while let Ok(n) = systemd.sock.try_recv(&mut buf) {
             queued.push(String::from_utf8_lossy(&buf[..n]).to_string());
         }
-        assert!(
-            !queued.is_empty() && queued.len() as u64 <= qlen + 1,
-            "{} queued",
-            queued.len()
-        );
+        assert!(!queued.is_empty());
         assert!(queued[0].contains("READY=1"), "{queued:?}");
     };
     let outcome = tokio::time::timeout(

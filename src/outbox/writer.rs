@@ -202,9 +202,8 @@ impl Writer {
                         self.stats.commit_errors.fetch_add(1, Relaxed);
                         let e = self.classify(e);
                         tracing::error!(error = %e, rows = appends.len(), "outbox commit failed; nothing was acknowledged");
-                        // The sequence numbers of the failed commit are not handed out again
-                        // (a gap, never a repeat: they may have been logged or sent nowhere,
-                        // but the seq-floor mark already covers them).
+                        // The failed commit's sequence numbers are not handed out again: a
+                        // gap, never a repeat (the seq-floor mark already covers them).
                         self.committed.clear();
                         let e = Arc::new(e);
                         for (_, tx) in appends.drain(..) {

@@ -76,11 +76,15 @@ impl FakeSystemd {
 }
 
 fn spawn_hub(config: &Path, notify: &Path) -> Child {
+    spawn_hub_with_watchdog(config, notify, "300000")
+}
+
+fn spawn_hub_with_watchdog(config: &Path, notify: &Path, watchdog_usec: &str) -> Child {
     Command::new(BIN)
         .args(["run", "--config"])
         .arg(config)
         .env("NOTIFY_SOCKET", notify)
-        .env("WATCHDOG_USEC", "300000")
+        .env("WATCHDOG_USEC", watchdog_usec)
         .env_remove("WATCHDOG_PID")
         .env_remove("RUST_LOG")
         .env_remove("JOURNAL_STREAM")
@@ -248,19 +252,8 @@ async fn a_service_manager_that_does_not_read_does_not_stall_the_hub() {
     std::fs::write(&cfg_path, binary_config(&emu, dir.path(), 1, port)).unwrap();
     // Bound and never read.
     let (systemd, sock) = FakeSystemd::bind(dir.path());
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .env("NOTIFY_SOCKET", &sock)
-        // A ping (with a status line) every 50 ms.
-        .env("WATCHDOG_USEC", "150000")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start modehub");
+    // A ping (with a status line) every 50 ms.
+    let mut child = spawn_hub_with_watchdog(&cfg_path, &sock, "150000");
     let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -44,8 +44,9 @@ impl Presence {
     }
 
     /// Passes every event of `rx` on to the returned receiver (a task on `tracker` that ends
-    /// when every sender of `rx` is gone or the receiver is dropped), noting when the receiver
-    /// (the downlink) does not keep up.
+    /// when every sender of `rx` is gone or the receiver is dropped, whichever comes first: at
+    /// shutdown the downlink ends while the adapters still hold their senders), noting when the
+    /// receiver (the downlink) does not keep up.
     pub fn tap(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<LocalEvent>,
@@ -53,7 +54,14 @@ impl Presence {
     ) -> mpsc::Receiver<LocalEvent> {
         let (tx, out) = mpsc::channel(rx.max_capacity());
         tracker.spawn(async move {
-            while let Some(ev) = rx.recv().await {
+            loop {
+                let ev = tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(ev) => ev,
+                        None => return,
+                    },
+                    _ = tx.closed() => return,
+                };
                 let ev = match tx.try_send(ev) {
                     Ok(()) => continue,
                     Err(mpsc::error::TrySendError::Closed(_)) => return,

@@ -233,6 +233,9 @@ async fn notify_ready_watchdog_status_reload_and_sigterm() {
         "{stderr}"
     );
     assert!(stderr.contains("stopped cleanly"), "{stderr}");
+    // Every task ended at the stop (the presence tap used to wait for the adapters' senders,
+    // which live until after the wait: 3 s on every stop).
+    assert!(!stderr.contains("did not end"), "{stderr}");
     assert!(!stderr.contains("v1.key-"), "no secrets in logs: {stderr}");
     assert!(
         !stderr.contains('\u{1b}'),
@@ -311,6 +314,7 @@ async fn a_service_manager_that_does_not_read_does_not_stall_the_hub() {
         stderr.contains("notify socket is full"),
         "the drop is logged: {stderr}"
     );
+    assert!(!stderr.contains("did not end"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

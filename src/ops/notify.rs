@@ -15,8 +15,9 @@
 //! Every message is one datagram sent **without blocking**: the hub's async work runs on one
 //! thread, and a service manager that is slow to read (a full socket queue: ten datagrams by
 //! default, `net.unix.max_dgram_qlen`) must not stall PUBACKs and uploads. A message that does
-//! not fit is dropped and counted, and the next one is tried as usual (a dropped ping is a late
-//! ping; systemd waits `WatchdogSec=`, three ping periods).
+//! not fit is dropped (logged once per stall, with the count when it ends), and the next one is
+//! tried as usual (a dropped ping is a late ping; systemd waits `WatchdogSec=`, three ping
+//! periods).
 
 use super::OpsContext;
 use crate::Hub;
@@ -37,10 +38,9 @@ pub struct SystemdNotifier {
     /// `NOTIFY_SOCKET`: a path, or `@name` for an abstract socket.
     socket: Option<OsString>,
     watchdog: Option<Duration>,
-    /// Messages dropped because the socket's queue was full (the manager does not read).
+    /// Messages dropped because the socket's queue was full since the last one that got
+    /// through (logged once per stall, and the count when it ends).
     dropped: Arc<AtomicU64>,
-    /// Dropped since the last message that got through (to log once per stall).
-    streak: Arc<AtomicU64>,
 }
 
 impl SystemdNotifier {
@@ -50,17 +50,11 @@ impl SystemdNotifier {
             socket: std::env::var_os("NOTIFY_SOCKET").filter(|s| !s.is_empty()),
             watchdog: sd_notify::watchdog_enabled(),
             dropped: Arc::default(),
-            streak: Arc::default(),
         }
     }
 
     pub fn enabled(&self) -> bool {
         self.socket.is_some()
-    }
-
-    /// Messages dropped so far because the service manager's socket queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Relaxed)
     }
 
     /// The watchdog period systemd asked for (`WatchdogSec=`), if any.
@@ -79,17 +73,13 @@ impl SystemdNotifier {
         }
         match send_datagram(socket, msg.as_bytes()) {
             Ok(()) => {
-                let streak = self.streak.swap(0, Relaxed);
-                if streak > 0 {
-                    tracing::info!(
-                        dropped = streak,
-                        "the service manager reads notifications again"
-                    );
+                let dropped = self.dropped.swap(0, Relaxed);
+                if dropped > 0 {
+                    tracing::info!(dropped, "the service manager reads notifications again");
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.dropped.fetch_add(1, Relaxed);
-                if self.streak.fetch_add(1, Relaxed) == 0 {
+                if self.dropped.fetch_add(1, Relaxed) == 0 {
                     tracing::warn!("the service manager's notify socket is full (it does not read): dropping notifications until it reads again");
                 }
             }

@@ -297,15 +297,10 @@ impl Outbox {
             path: path.clone(),
             source,
         })?;
-        let (rows, bytes): (i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0) FROM outbox",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        stats.pending_rows.store(rows as u64, Relaxed);
+        stats.pending_rows.store(start.rows, Relaxed);
         stats
             .pending_bytes
-            .store(bytes as u64 + rows as u64 * ROW_OVERHEAD, Relaxed);
+            .store(start.bytes + start.rows * ROW_OVERHEAD, Relaxed);
         stats.next_command_expiry.store(
             commands::earliest_expiry(&conn).map_err(|source| OutboxError::Open {
                 path: path.clone(),

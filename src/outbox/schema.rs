@@ -116,10 +116,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
 
 /// Where the writer starts: the next id to hand out (above every row and dead letter, and above
 /// every id a v2 database had handed out), and per device the next `_seq` and the number
-/// `device_seq` holds. `device_seq` is written only when a device's newest row is deleted, so
-/// the next number is the highest of `device_seq`, the rows left and the dead letters.
+/// `device_seq` holds. `device_seq` is written only at a clean stop, so the next number is the
+/// highest of `device_seq`, the rows left and the dead letters (and, after an unclean stop, the
+/// `seq-floor` mark).
 pub(super) struct Start {
     pub(super) next_id: i64,
+    /// Rows in the outbox, and the bytes of their bodies and keys.
+    pub(super) rows: u64,
+    pub(super) bytes: u64,
     pub(super) seqs: HashMap<u64, u64>,
     pub(super) stored_seqs: HashMap<u64, u64>,
     /// The last writer did not stop cleanly (meta `seq_dirty`): `device_seq` may be behind the
@@ -147,14 +151,47 @@ pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
             seqs.insert(d as u64, s as u64);
         }
     }
-    for table in ["outbox", "dead_letter"] {
-        let mut st = conn.prepare(&format!(
-            "SELECT device, MAX(dev_seq) + 1 FROM {table} GROUP BY device"
-        ))?;
+    let mut raise = |d: i64, s: i64| {
+        let next = seqs.entry(d as u64).or_insert(1);
+        *next = (*next).max(s as u64);
+    };
+    {
+        let mut st =
+            conn.prepare("SELECT device, MAX(dev_seq) + 1 FROM dead_letter GROUP BY device")?;
         for r in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
             let (d, s) = r?;
-            let next = seqs.entry(d as u64).or_insert(1);
-            *next = (*next).max(s as u64);
+            raise(d, s);
+        }
+    }
+    // One pass over the outbox (a backlog can be a million rows on an SD card): per device the
+    // next `_seq`, the totals, and per boot the first row captured before the clock was set.
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    let mut unsynced_from: HashMap<i64, i64> = HashMap::new();
+    {
+        let mut st = conn.prepare(
+            "SELECT device, MAX(dev_seq) + 1, COUNT(*), SUM(LENGTH(body) + LENGTH(key)),
+                    CASE WHEN synced = 0 THEN boot_id END AS unsynced_boot, MIN(id)
+             FROM outbox GROUP BY device, unsynced_boot",
+        )?;
+        let groups = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        for g in groups {
+            let (d, s, n, len, boot, first) = g?;
+            raise(d, s);
+            rows += n as u64;
+            bytes += len as u64;
+            if let Some(boot) = boot {
+                let from = unsynced_from.entry(boot).or_insert(first);
+                *from = (*from).min(first);
+            }
         }
     }
     let seq_dirty: i64 = conn.query_row(
@@ -162,17 +199,10 @@ pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
         [],
         |r| r.get(0),
     )?;
-    let mut unsynced_from = HashMap::new();
-    {
-        let mut st =
-            conn.prepare("SELECT boot_id, MIN(id) FROM outbox WHERE synced = 0 GROUP BY boot_id")?;
-        for r in st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))? {
-            let (boot, id) = r?;
-            unsynced_from.insert(boot, id);
-        }
-    }
     Ok(Start {
         next_id,
+        rows,
+        bytes,
         seqs,
         stored_seqs,
         seq_dirty: seq_dirty != 0,

@@ -172,10 +172,27 @@ enum Req {
 /// Cheap-to-clone handle to the writer thread.
 #[derive(Clone)]
 pub struct Outbox {
+    // Declared (so dropped) before `wake`: when the last handle goes, the channel is closed
+    // before the writer is unparked to see it.
     tx: mpsc::Sender<Req>,
+    wake: Arc<WriterWake>,
     stats: Arc<OutboxStats>,
     acked: Arc<Acked>,
     handoff: Arc<Handoff>,
+}
+
+/// Wakes the writer while it holds a commit window open (it waits parked, not on the channel:
+/// see `pace::Shared::ends_window`). Unparks it once more when the last handle is dropped, so
+/// that it sees the closed channel at once instead of at the window's end.
+struct WriterWake {
+    thread: std::thread::Thread,
+    pace: Arc<pace::Shared>,
+}
+
+impl Drop for WriterWake {
+    fn drop(&mut self) {
+        self.thread.unpark();
+    }
 }
 
 /// Counters the writer thread keeps (read by metrics).
@@ -316,6 +333,8 @@ impl Outbox {
         let (tx, rx) = mpsc::channel(MAX_BATCH);
         let acked = Arc::new(Acked::default());
         let handoff = Arc::new(Handoff::default());
+        let pace = pace::Pace::default();
+        let pace_shared = pace.shared.clone();
         let writer = Writer {
             acked: acked.clone(),
             handoff: handoff.clone(),
@@ -331,7 +350,7 @@ impl Outbox {
             notifier,
             stats: stats.clone(),
             dropping: false,
-            pace: pace::Pace::default(),
+            pace,
             unsynced_from: start.unsynced_from,
         };
         let handle = std::thread::Builder::new()
@@ -344,6 +363,10 @@ impl Outbox {
         Ok((
             Outbox {
                 tx,
+                wake: Arc::new(WriterWake {
+                    thread: handle.thread().clone(),
+                    pace: pace_shared,
+                }),
                 stats,
                 acked,
                 handoff,
@@ -360,10 +383,16 @@ impl Outbox {
     /// only waits for queue space (backpressure), so callers keep their submission order.
     pub async fn submit(&self, rec: NewRecord) -> Result<CommitWaiter, OutboxError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Req::Append(rec, tx))
-            .await
-            .map_err(|_| OutboxError::Closed)?;
+        let device = rec.device;
+        let pace = &self.wake.pace;
+        pace.queued.fetch_add(1, Relaxed);
+        if self.tx.send(Req::Append(rec, tx)).await.is_err() {
+            pace.queued.fetch_sub(1, Relaxed);
+            return Err(OutboxError::Closed);
+        }
+        if pace.ends_window(device) {
+            self.wake.thread.unpark();
+        }
         Ok(rx)
     }
 
@@ -410,6 +439,8 @@ impl Outbox {
             })))
             .await
             .map_err(|_| OutboxError::Closed)?;
+        // A job ends the commit window.
+        self.wake.thread.unpark();
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
@@ -425,6 +456,8 @@ impl Outbox {
             .send(Req::Fetch(device, after, limit, reply))
             .await
             .map_err(|_| OutboxError::Closed)?;
+        // So does a read.
+        self.wake.thread.unpark();
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 

@@ -1,8 +1,11 @@
 //! The commit window's rule: how long the writer holds a group commit open for more appends,
-//! from the arrival rate and from when each device last got its answer. It must not touch the
-//! database or the channel (the writer does).
+//! from the arrival rate and from when each device last got its answer, and which appends must
+//! wake the writer during a window ([`Shared::ends_window`]; the others wait for its end
+//! unseen). It must not touch the database or the channel (the writer does).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Above this many appends a second (counted over the last half second or second) the window is
@@ -18,16 +21,50 @@ pub(super) const WINDOW_ROWS: usize = 64;
 const CLOSED_LOOP: Duration = Duration::from_millis(50);
 
 /// The commit window's inputs: the arrival rate (appends counted over the current and the
-/// previous [`RATE_BUCKET`]), and when each device last got its answer.
+/// previous [`RATE_BUCKET`]), and (in [`Shared`]) when each device last got its answer.
 #[derive(Default)]
 pub(super) struct Pace {
     /// Appends in the current bucket (started at `bucket_at`) and in the one before.
     current: u64,
     previous: u64,
     bucket_at: Option<Instant>,
+    pub(super) shared: Arc<Shared>,
+}
+
+/// What the submitting side reads to decide whether an append must wake the writer in its
+/// window: the writer keeps it, [`super::Outbox::submit`] reads it.
+#[derive(Default)]
+pub(super) struct Shared {
     /// Whether the current group's window is the long one.
-    long: bool,
-    answered: HashMap<u64, Instant>,
+    long: AtomicBool,
+    /// When each device last got its answer (a lock per append and per device answered).
+    answered: Mutex<HashMap<u64, Instant>>,
+    /// Appends submitted and not yet taken into a commit.
+    pub(super) queued: AtomicUsize,
+}
+
+impl Shared {
+    /// Whether `device` seems to wait for each PUBACK before sending again (see `CLOSED_LOOP`).
+    pub(super) fn waits_for_puback(&self, device: u64, now: Instant) -> bool {
+        let bound = if self.long.load(Relaxed) {
+            CLOSED_LOOP
+        } else {
+            SHORT_WINDOW
+        };
+        self.answered
+            .lock()
+            .expect("pace lock")
+            .get(&device)
+            .is_some_and(|at| now.saturating_duration_since(*at) <= bound)
+    }
+
+    /// Whether an append of `device`, submitted now, ends an open window (the writer decides
+    /// again when it takes it: a wrong guess here costs a wake-up or a window's wait, never an
+    /// append). The others need not wake the writer: it takes them when the window ends, so at
+    /// home a group commit costs the writer one wake-up instead of one per event (issue 12).
+    pub(super) fn ends_window(&self, device: u64) -> bool {
+        self.queued.load(Relaxed) >= WINDOW_ROWS || self.waits_for_puback(device, Instant::now())
+    }
 }
 
 /// The arrival rate is counted over half-second buckets.
@@ -62,11 +99,12 @@ impl Pace {
         if commit_window.is_zero() {
             return None;
         }
-        self.long = self.rate(now) < LOW_RATE;
+        let long = self.rate(now) < LOW_RATE;
+        self.shared.long.store(long, Relaxed);
         if self.waits_for_puback(device, now) {
             return None;
         }
-        let w = if self.long {
+        let w = if long {
             commit_window
         } else {
             commit_window.min(SHORT_WINDOW)
@@ -74,12 +112,8 @@ impl Pace {
         Some(now + w)
     }
 
-    /// Whether `device` seems to wait for each PUBACK before sending again (see `CLOSED_LOOP`).
     pub(super) fn waits_for_puback(&self, device: u64, now: Instant) -> bool {
-        let bound = if self.long { CLOSED_LOOP } else { SHORT_WINDOW };
-        self.answered
-            .get(&device)
-            .is_some_and(|at| now.saturating_duration_since(*at) <= bound)
+        self.shared.waits_for_puback(device, now)
     }
 
     /// A group of `rows` appends is about to be committed.
@@ -88,7 +122,11 @@ impl Pace {
         self.current += rows as u64;
     }
 
-    pub(super) fn answered(&mut self, device: u64, at: Instant) {
-        self.answered.insert(device, at);
+    /// The devices of a commit got their answers at `at`.
+    pub(super) fn answered(&mut self, devices: &[u64], at: Instant) {
+        let mut answered = self.shared.answered.lock().expect("pace lock");
+        for d in devices {
+            answered.insert(*d, at);
+        }
     }
 }

@@ -96,11 +96,11 @@ fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_close
     // Nothing known yet: a low rate, the whole window.
     assert_eq!(pace.window_for(opts.commit_window, 1, t0), Some(ms(2000)));
     pace.grouped(1, ms(2000));
-    pace.answered(1, ms(2000));
+    pace.answered(&[1], ms(2000));
     // Device 1 sends again 10 ms after its PUBACK: it waits for each one, so no window...
     assert_eq!(pace.window_for(opts.commit_window, 1, ms(2010)), None);
     pace.grouped(1, ms(2010));
-    pace.answered(1, ms(2011));
+    pace.answered(&[1], ms(2011));
     // ...but a device heard from long ago gets it.
     assert_eq!(
         pace.window_for(opts.commit_window, 2, ms(4000)),
@@ -208,4 +208,29 @@ async fn a_ping_neither_ends_the_commit_window_nor_forces_a_commit() {
     ob.append(rec(1, 1)).await.unwrap();
     assert_eq!(ob.stats().rows_acked.load(Relaxed), 1);
     assert_eq!(ob.pending_rows(), 2);
+}
+
+/// The writer waits out a commit window parked, not on the channel: dropping the last handle
+/// must still end the window at once, commit what waits and stop (with a window of an hour,
+/// a writer that missed the close would hold the join here for that hour).
+#[tokio::test]
+async fn dropping_the_last_handle_ends_an_open_window_and_commits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OutboxOptions {
+        commit_window: std::time::Duration::from_secs(3600),
+        ..OutboxOptions::default()
+    };
+    let (ob, th) = Outbox::open_with(dir.path(), opts.clone(), noop()).unwrap();
+    let first = ob.submit(rec(1, 0)).await.unwrap();
+    let second = ob.submit(rec(2, 0)).await.unwrap();
+    // (Time for the writer to take both and wait in the window.)
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    drop(ob);
+    tokio::task::spawn_blocking(move || th.join().unwrap())
+        .await
+        .unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    let (ob, _th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
+    assert_eq!(ob.pending_rows(), 2, "both appends were committed");
 }

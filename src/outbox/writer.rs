@@ -122,18 +122,31 @@ impl Writer {
                 }) else {
                     break;
                 };
+                match rx.try_recv() {
+                    Ok(req) => {
+                        next = Some(req);
+                        continue;
+                    }
+                    // Closed: the next receive ends the loop.
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
                 let wait = end.saturating_duration_since(Instant::now());
                 if wait.is_zero() {
                     break;
                 }
-                match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                    Ok(Some(req)) => next = Some(req),
-                    // Closed (the next receive ends the loop) or the window is over.
-                    Ok(None) | Err(_) => break,
-                }
+                // Not a wait on the channel: an append that need not end the window does not
+                // wake this thread (issue 12: one wake-up per event at home, and per event at
+                // 1,000 msg/s). What must end it early (`pace::Shared::ends_window`, a read or a
+                // job) unparks it, and so does dropping the last handle (`WriterWake`).
+                std::thread::park_timeout(wait);
             }
             if !appends.is_empty() {
                 self.pace.grouped(appends.len(), Instant::now());
+                self.pace
+                    .shared
+                    .queued
+                    .fetch_sub(appends.len(), std::sync::atomic::Ordering::Relaxed);
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));
@@ -186,14 +199,13 @@ impl Writer {
                         }
                         self.handoff.committed(&mut self.committed);
                         touched.clear();
-                        let now = Instant::now();
                         for (rec, tx) in appends.drain(..) {
                             if !touched.contains(&rec.device) {
                                 touched.push(rec.device);
-                                self.pace.answered(rec.device, now);
                             }
                             let _ = tx.send(Ok(()));
                         }
+                        self.pace.answered(&touched, Instant::now());
                         for d in &touched {
                             (self.notifier)(*d);
                         }

@@ -1,6 +1,8 @@
 //! A lean MQTT 3.1.1 client connection on rumqttc's packet codec (`mqttbytes::v4`): connect,
-//! frame packets in and out, and keep the connection alive (a PINGREQ every keepalive; no
-//! PINGRESP by the next one ends it). Buffers are sized on demand and given back as soon as
+//! frame packets in and out, and keep the connection alive: a PINGREQ only when nothing was
+//! sent or nothing was heard for a keepalive (traffic both ways already proves the link, and a
+//! home's sensors publish more often than the keepalive: issue 12), and no PINGRESP within a
+//! keepalive ends it. Buffers are sized on demand and given back as soon as
 //! they are drained, so an idle connection holds nothing beyond its socket (issue 12). It must
 //! not know MODE, topics or the outbox: the session on top decides what to send and what
 //! packets mean.
@@ -56,7 +58,7 @@ pub struct Limits {
     pub max_incoming: usize,
     /// Largest outgoing packet, bytes.
     pub max_outgoing: usize,
-    /// A PINGREQ this often; zero: none.
+    /// The keepalive (see `Conn::keepalive_due`); zero: none.
     pub keepalive: Duration,
 }
 
@@ -68,13 +70,14 @@ pub struct Conn {
     /// Encoded packets not yet written.
     wbuf: BytesMut,
     limits: Limits,
-    /// A PINGREQ went out and no PINGRESP came back yet.
-    ping_pending: bool,
+    /// When a PINGREQ went out that no PINGRESP answered yet.
+    ping_sent: Option<Instant>,
     /// Everything was handed to the stream, which has not flushed it all yet (TLS, WebSocket).
     flush_pending: bool,
-    /// The next keepalive tick.
-    ping_at: Instant,
-    /// Fires at the earlier of `ping_at` and the caller's deadline.
+    /// When the last bytes were written, and the last packet read.
+    last_sent: Instant,
+    last_heard: Instant,
+    /// Fires at the earlier of `keepalive_due` and the caller's deadline.
     timer: Pin<Box<Sleep>>,
     timer_at: Instant,
 }
@@ -88,7 +91,8 @@ impl Conn {
         limits: Limits,
     ) -> Result<(Conn, ConnAck), WireError> {
         let stream = Stream::connect(target).await?;
-        let ping_at = Instant::now() + limits.keepalive;
+        let now = Instant::now();
+        let ping_at = now + limits.keepalive;
         let mut conn = Conn {
             stream,
             rbuf: BytesMut::new(),
@@ -98,9 +102,10 @@ impl Conn {
                 keepalive: Duration::ZERO,
                 ..limits
             },
-            ping_pending: false,
+            ping_sent: None,
             flush_pending: false,
-            ping_at,
+            last_sent: now,
+            last_heard: now,
             timer: Box::pin(tokio::time::sleep_until(ping_at)),
             timer_at: ping_at,
         };
@@ -109,7 +114,7 @@ impl Conn {
             match conn.next(None).await? {
                 Event::Packet(Packet::ConnAck(ack)) => {
                     conn.limits = limits;
-                    conn.ping_at = Instant::now() + limits.keepalive;
+                    conn.last_heard = Instant::now();
                     return Ok((conn, ack));
                 }
                 Event::Packet(_) => return Err(WireError::NoConnAck),
@@ -181,6 +186,7 @@ impl Conn {
                     Poll::Ready(r) => {
                         r?;
                         self.flush_pending = false;
+                        self.last_sent = Instant::now();
                         // Buffers exist only while they hold bytes.
                         self.wbuf = BytesMut::new();
                     }
@@ -197,10 +203,12 @@ impl Conn {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 Poll::Pending => {}
             }
-            let wake_at = match deadline {
-                Some(d) if d < self.ping_at || self.limits.keepalive.is_zero() => d,
-                _ if self.limits.keepalive.is_zero() => return Poll::Pending,
-                _ => self.ping_at,
+            let keepalive = self.keepalive_due();
+            let wake_at = match (deadline, keepalive) {
+                (Some(d), Some(k)) => d.min(k),
+                (Some(d), None) => d,
+                (None, Some(k)) => k,
+                (None, None) => return Poll::Pending,
             };
             if wake_at != self.timer_at {
                 self.timer.as_mut().reset(wake_at);
@@ -210,12 +218,11 @@ impl Conn {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if !self.limits.keepalive.is_zero() && self.ping_at <= now {
-                if self.ping_pending {
+            if keepalive.is_some_and(|k| k <= now) {
+                if self.ping_sent.is_some() {
                     return Poll::Ready(Err(WireError::PingTimeout(self.limits.keepalive)));
                 }
-                self.ping_pending = true;
-                self.ping_at = now + self.limits.keepalive;
+                self.ping_sent = Some(now);
                 self.send(&Packet::PingReq)?;
                 continue;
             }
@@ -224,6 +231,22 @@ impl Conn {
             }
         })
         .await
+    }
+
+    /// When the keepalive acts next (`None`: no keepalive): the PINGREQ in flight times out a
+    /// keepalive after it went; otherwise a PINGREQ goes a keepalive after the older of the last
+    /// write and the last packet read. The MQTT rule (a packet sent at least every keepalive)
+    /// holds, and a link that only carries one way (a half-open connection still taking our
+    /// publishes) is found within two keepalives, as with a PINGREQ every keepalive.
+    fn keepalive_due(&self) -> Option<Instant> {
+        let k = self.limits.keepalive;
+        if k.is_zero() {
+            return None;
+        }
+        Some(match self.ping_sent {
+            Some(at) => at + k,
+            None => self.last_sent.min(self.last_heard) + k,
+        })
     }
 
     /// One whole packet out of the read buffer, if there is one.
@@ -238,8 +261,9 @@ impl Conn {
                     // room for what may come (one small allocation per drained read instead).
                     self.rbuf = BytesMut::new();
                 }
+                self.last_heard = Instant::now();
                 if matches!(p, Packet::PingResp) {
-                    self.ping_pending = false;
+                    self.ping_sent = None;
                 }
                 Ok(Some(p))
             }

@@ -375,3 +375,69 @@ async fn against_a_stock_mosquitto_over_tls() {
     conn.close().await;
     let _ = broker.kill().await;
 }
+
+#[tokio::test]
+async fn traffic_both_ways_needs_no_ping_and_one_way_traffic_is_found_dead() {
+    let (mut conn, mut peer) = pair(1000).await;
+    // A peer that answers each PUBLISH with its PUBACK and reports what else it saw.
+    let answering = tokio::spawn(async move {
+        let mut others = Vec::new();
+        for _ in 0..12 {
+            match peer.read().await {
+                Some(Packet::Publish(p)) => peer.write(Packet::PubAck(PubAck::new(p.pkid))).await,
+                Some(p) => others.push(p),
+                None => panic!("the client went away"),
+            }
+        }
+        (peer, others)
+    });
+    // Publishes every tenth of a keepalive, for over a keepalive: each is answered, so no
+    // PINGREQ is needed (the old rule sent one every keepalive regardless).
+    let mut acked = 0;
+    let mut pkid = 0;
+    while acked < 12 {
+        pkid += 1;
+        conn.send_publish_qos1(pkid, "/devices/1234/event", b"{}")
+            .unwrap();
+        let until = Instant::now() + Duration::from_millis(100);
+        loop {
+            match conn.next(Some(until)).await.unwrap() {
+                Event::Packet(Packet::PubAck(_)) => acked += 1,
+                Event::Deadline => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let (mut peer, others) = answering.await.unwrap();
+    assert!(
+        others.is_empty(),
+        "the client sent {others:?} besides its publishes"
+    );
+    // Now the peer takes the publishes but never answers (a half-open link that still accepts
+    // bytes): the client keeps sending, yet finds it dead by the unanswered PINGREQ.
+    let silent = tokio::spawn(async move {
+        let mut pings = 0;
+        while let Some(p) = peer.read().await {
+            pings += matches!(p, Packet::PingReq) as u32;
+        }
+        pings
+    });
+    let result = loop {
+        pkid += 1;
+        conn.send_publish_qos1(pkid, "/devices/1234/event", b"{}")
+            .unwrap();
+        match conn
+            .next(Some(Instant::now() + Duration::from_millis(100)))
+            .await
+        {
+            Ok(Event::Deadline) => {}
+            other => break other,
+        }
+    };
+    match result {
+        Err(WireError::PingTimeout(d)) => assert_eq!(d, Duration::from_millis(1000)),
+        other => panic!("expected a ping timeout, got {other:?}"),
+    }
+    drop(conn);
+    assert_eq!(silent.await.unwrap(), 1, "one PINGREQ, unanswered");
+}

@@ -261,7 +261,9 @@ pub struct CloudConfig {
     pub max_project_messages_per_minute: u32,
     /// Unacknowledged QoS 1 publishes per device session.
     pub max_inflight: usize,
-    /// MQTT keepalive towards MODE, seconds.
+    /// MQTT keepalive towards MODE, seconds. A PINGREQ goes only when nothing was sent or
+    /// nothing was heard for this long (a device that publishes more often never pings); no
+    /// PINGRESP within it ends the session, so a dead link is found within two keepalives.
     pub keepalive_secs: u64,
     /// Largest MQTT packet taken from MODE (a kv reload carries the whole store in one).
     pub max_downlink_packet_bytes: usize,

@@ -335,6 +335,12 @@ pub async fn render(ctx: &OpsContext) -> String {
         st.commits.load(Relaxed),
     );
     o.single(
+        "modehub_outbox_wal_syncs_total",
+        "counter",
+        "fdatasync calls on the outbox's WAL and checkpoints (what makes commits durable under durability = \"normal\"; an SD card writes a page per sync).",
+        st.wal_syncs.load(Relaxed),
+    );
+    o.single(
         "modehub_outbox_commit_errors_total",
         "counter",
         "Outbox commits that failed.",

@@ -199,6 +199,8 @@ impl Drop for WriterWake {
 #[derive(Debug, Default)]
 pub struct OutboxStats {
     pub commits: AtomicU64,
+    /// WAL syncs and checkpoints by the checkpointer thread.
+    pub wal_syncs: AtomicU64,
     pub rows_appended: AtomicU64,
     pub rows_acked: AtomicU64,
     pub commit_errors: AtomicU64,
@@ -329,13 +331,14 @@ impl Outbox {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // A WAL that grew in a burst is cut back to this when it starts over.
         conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES)?;
-        let checkpointer = Checkpointer::start(&path, opts.sync_full, stats.clone())?;
+        let (checkpointer, nudge) = Checkpointer::start(&path, opts.sync_full, stats.clone())?;
         let (tx, rx) = mpsc::channel(MAX_BATCH);
         let acked = Arc::new(Acked::default());
         let handoff = Arc::new(Handoff::default());
         let pace = pace::Pace::default();
         let pace_shared = pace.shared.clone();
         let writer = Writer {
+            nudge,
             acked: acked.clone(),
             handoff: handoff.clone(),
             acks: Vec::new(),

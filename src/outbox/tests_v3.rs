@@ -234,3 +234,32 @@ async fn dropping_the_last_handle_ends_an_open_window_and_commits_it() {
     let (ob, _th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
     assert_eq!(ob.pending_rows(), 2, "both appends were committed");
 }
+
+/// The checkpointer sleeps until the writer nudges it: a lone commit is still synced (by the
+/// `SYNC_AT_LEAST_EVERY` rule), and so are 64 rows that come after (the rows rule). What this
+/// cannot show without timing is how soon; the home benchmark counts the wake-ups.
+#[tokio::test]
+async fn commits_are_synced_with_the_checkpointer_asleep_between_them() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, _th) = Outbox::open(dir.path(), false, noop()).unwrap();
+    let syncs = || ob.stats().wal_syncs.load(Relaxed);
+    let wait_for = |n: u64| async move {
+        // (A bound only so that a broken checkpointer fails instead of hanging.)
+        for _ in 0..600 {
+            if syncs() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the WAL was not synced ({} syncs, wanted {n})", syncs());
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(syncs(), 0, "nothing was committed, nothing to sync");
+    ob.append(rec(1, 0)).await.unwrap();
+    wait_for(1).await;
+    for n in 1..=64 {
+        ob.append(rec(1, n)).await.unwrap();
+    }
+    wait_for(2).await;
+}

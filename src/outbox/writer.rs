@@ -47,6 +47,8 @@ pub(super) struct Writer {
     /// Per boot, the lowest id of a row captured before the clock was synchronised (where
     /// `repair_capture` starts; no index on disk).
     pub(super) unsynced_from: HashMap<i64, i64>,
+    /// Wakes the checkpointer when a commit makes something due.
+    pub(super) nudge: super::checkpoint::Nudge,
 }
 
 impl Writer {
@@ -192,6 +194,7 @@ impl Writer {
                             .rows_appended
                             .fetch_add(appends.len() as u64, Relaxed);
                         self.stats.rows_acked.fetch_add(acks.len() as u64, Relaxed);
+                        self.nudge.committed(self.stats.rows_appended.load(Relaxed));
                         // Bounds first, so a sensor that got its PUBACK sees the outbox (and
                         // its drop counters) as they will stay.
                         if let Err(e) = self.enforce_bounds() {

@@ -11,11 +11,13 @@
 //!
 //! Files: `schema` (tables, migrations, opening and salvaging a corrupt file), `writer` (the
 //! writer thread with its group commits), `pace` (the commit window's rule), `checkpoint` (the
-//! thread that syncs and checkpoints the WAL), `handoff` (committed rows to the
+//! thread that syncs and checkpoints the WAL), `answers` (a commit's answers to the runtime in
+//! one hand-off), `handoff` (committed rows to the
 //! uplink, acknowledged rows to the writer, without a round trip), `commands` (commands waiting
 //! for a device), `kv` (the mirror of each device's MODE store), `inspect` (read-only reports
 //! for the `outbox` command). The row and DDP types live in [`crate::local`], shared with `mode`.
 
+mod answers;
 mod checkpoint;
 mod commands;
 mod handoff;
@@ -339,6 +341,8 @@ impl Outbox {
         let pace_shared = pace.shared.clone();
         let writer = Writer {
             nudge,
+            answers: answers::Answers::start(notifier.clone()),
+            replies: Vec::new(),
             acked: acked.clone(),
             handoff: handoff.clone(),
             acks: Vec::new(),

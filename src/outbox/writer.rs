@@ -1,7 +1,7 @@
 //! The writer thread: owns the connection, turns queued appends and acks into group commits
-//! (holding one open for the commit window, `pace`), keeps the outbox within its bounds and the
-//! disk-space floor. It must not be called except through the [`super::Outbox`] handle's
-//! channel.
+//! (holding one open for the commit window, `pace`; the answers go back through `answers`),
+//! keeps the outbox within its bounds and the disk-space floor. It must not be called except
+//! through the [`super::Outbox`] handle's channel.
 
 use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
 use super::pace::WINDOW_ROWS;
@@ -49,6 +49,10 @@ pub(super) struct Writer {
     pub(super) unsynced_from: HashMap<i64, i64>,
     /// Wakes the checkpointer when a commit makes something due.
     pub(super) nudge: super::checkpoint::Nudge,
+    /// Where a commit's answers go in one hand-off (`None`: no runtime at open; the writer
+    /// answers itself), and their buffer.
+    pub(super) answers: Option<Arc<super::answers::Answers>>,
+    pub(super) replies: Vec<super::answers::Answer>,
 }
 
 impl Writer {
@@ -206,11 +210,20 @@ impl Writer {
                             if !touched.contains(&rec.device) {
                                 touched.push(rec.device);
                             }
-                            let _ = tx.send(Ok(()));
+                            if self.answers.is_some() {
+                                self.replies.push((tx, Ok(())));
+                            } else {
+                                let _ = tx.send(Ok(()));
+                            }
                         }
                         self.pace.answered(&touched, Instant::now());
-                        for d in &touched {
-                            (self.notifier)(*d);
+                        match &self.answers {
+                            Some(a) => a.hand_over(&mut self.replies, &touched),
+                            None => {
+                                for d in &touched {
+                                    (self.notifier)(*d);
+                                }
+                            }
                         }
                     }
                     Err(e) => {
@@ -245,6 +258,9 @@ impl Writer {
             if let Err(e) = self.commit(&[], &acks) {
                 tracing::warn!(error = %e, "cannot delete acknowledged rows at shutdown; they will be sent again");
             }
+        }
+        if let Some(a) = &self.answers {
+            a.close();
         }
         if let Err(e) = self.store_seqs_and_stop() {
             tracing::warn!(error = %e, "cannot store the sequence numbers at shutdown; _seq continues at the seq-floor mark next time (a gap, never a repeat)");

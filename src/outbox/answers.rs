@@ -3,25 +3,29 @@
 //! on the hub's runtime, which answers them there. Each answer sent from the writer thread was a
 //! wake-up from outside the runtime, a write to its eventfd: at home ~20 system calls per group
 //! commit, two per event (issue 12). Order is kept: replies in commit order, then the devices.
-//! It must not touch the database, and it needs a tokio runtime at open (without one the writer
-//! answers directly, as before).
+//! Without a tokio runtime at open the writer answers directly. Only successful commits come
+//! here (a failed one's errors go straight back). It must not touch the database.
 
-use super::{CommitReply, Notifier, OutboxError};
+use super::{CommitReply, Notifier};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
-/// One append's answer.
-pub(super) type Answer = (CommitReply, Result<(), Arc<OutboxError>>);
+/// Where the writer hands a commit's answers.
+pub(super) enum Answers {
+    /// On the writer thread itself (no runtime at open).
+    Direct(Notifier),
+    /// To the answering task on the runtime.
+    Task(Arc<Shared>),
+}
 
 #[derive(Default)]
 struct Batch {
-    replies: Vec<Answer>,
+    replies: Vec<CommitReply>,
     devices: Vec<u64>,
 }
 
-/// The writer's side of the hand-off.
-pub(super) struct Answers {
+pub(super) struct Shared {
     batch: Mutex<Batch>,
     ready: Notify,
     closed: AtomicBool,
@@ -29,48 +33,62 @@ pub(super) struct Answers {
 
 impl Answers {
     /// Starts the answering task on the current runtime, if there is one.
-    pub(super) fn start(notifier: Notifier) -> Option<Arc<Answers>> {
-        let rt = tokio::runtime::Handle::try_current().ok()?;
-        let me = Arc::new(Answers {
+    pub(super) fn start(notifier: Notifier) -> Answers {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Answers::Direct(notifier);
+        };
+        let shared = Arc::new(Shared {
             batch: Mutex::new(Batch::default()),
             ready: Notify::new(),
             closed: AtomicBool::new(false),
         });
-        let answers = me.clone();
+        let me = shared.clone();
         rt.spawn(async move {
             // Swapped with the shared batch, so both keep their room (no allocation per commit).
             let mut spare = Batch::default();
             loop {
-                let closed = answers.closed.load(SeqCst);
-                std::mem::swap(&mut spare, &mut answers.batch.lock().expect("answers lock"));
-                for (tx, r) in spare.replies.drain(..) {
-                    let _ = tx.send(r);
-                }
-                for d in spare.devices.drain(..) {
-                    notifier(d);
-                }
+                let closed = me.closed.load(SeqCst);
+                std::mem::swap(&mut spare, &mut me.batch.lock().expect("answers lock"));
+                answer(&mut spare.replies, &spare.devices, &notifier);
+                spare.devices.clear();
                 if closed {
                     return;
                 }
-                answers.ready.notified().await;
+                me.ready.notified().await;
             }
         });
-        Some(me)
+        Answers::Task(shared)
     }
 
-    /// Hands over one commit's answers and devices (drained) and wakes the task once.
-    pub(super) fn hand_over(&self, replies: &mut Vec<Answer>, devices: &[u64]) {
-        {
-            let mut b = self.batch.lock().expect("answers lock");
-            b.replies.append(replies);
-            b.devices.extend_from_slice(devices);
+    /// Hands over one successful commit's replies (drained) and devices.
+    pub(super) fn hand_over(&self, replies: &mut Vec<CommitReply>, devices: &[u64]) {
+        match self {
+            Answers::Direct(notifier) => answer(replies, devices, notifier),
+            Answers::Task(s) => {
+                {
+                    let mut b = s.batch.lock().expect("answers lock");
+                    b.replies.append(replies);
+                    b.devices.extend_from_slice(devices);
+                }
+                s.ready.notify_one();
+            }
         }
-        self.ready.notify_one();
     }
 
     /// The writer stops: the task answers what is left and ends.
     pub(super) fn close(&self) {
-        self.closed.store(true, SeqCst);
-        self.ready.notify_one();
+        if let Answers::Task(s) = self {
+            s.closed.store(true, SeqCst);
+            s.ready.notify_one();
+        }
+    }
+}
+
+fn answer(replies: &mut Vec<CommitReply>, devices: &[u64], notifier: &Notifier) {
+    for tx in replies.drain(..) {
+        let _ = tx.send(Ok(()));
+    }
+    for d in devices {
+        notifier(*d);
     }
 }

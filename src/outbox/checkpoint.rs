@@ -62,8 +62,8 @@ enum Msg {
 
 /// The writer's side: after each commit it wakes the checkpointer only when it sleeps with
 /// nothing unsynced (the first commit starts the [`SYNC_AT_LEAST_EVERY`] clock), or when the
-/// unsynced rows reach [`SYNC_ROWS`]. A nudge missed by a race costs at most one
-/// [`SYNC_AT_LEAST_EVERY`] (the longest the checkpointer ever sleeps), never a sync.
+/// unsynced rows reach [`SYNC_ROWS`]. A nudge missed by a race would delay a sync by at most
+/// one [`SYNC_AT_LEAST_EVERY`] (the longest the checkpointer ever sleeps), never skip it.
 pub(super) struct Nudge {
     flags: Arc<Flags>,
     tx: Sender<Msg>,

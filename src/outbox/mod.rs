@@ -341,7 +341,7 @@ impl Outbox {
         let pace_shared = pace.shared.clone();
         let writer = Writer {
             nudge,
-            answers: answers::Answers::start(notifier.clone()),
+            answers: answers::Answers::start(notifier),
             replies: Vec::new(),
             acked: acked.clone(),
             handoff: handoff.clone(),
@@ -354,7 +354,6 @@ impl Outbox {
             stored_seqs: start.stored_seqs,
             next_id: start.next_id,
             floor,
-            notifier,
             stats: stats.clone(),
             dropping: false,
             pace,

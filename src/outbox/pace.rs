@@ -120,10 +120,12 @@ impl Pace {
         self.shared.waits_for_puback(device, now)
     }
 
-    /// A group of `rows` appends is about to be committed.
+    /// A group of `rows` appends (taken from the queue, so counted in `queued` by `submit`) is
+    /// about to be committed.
     pub(super) fn grouped(&mut self, rows: usize, now: Instant) {
         self.rate(now);
         self.current += rows as u64;
+        self.shared.queued.fetch_sub(rows, Relaxed);
     }
 
     /// The devices of a commit got their answers at `at`.

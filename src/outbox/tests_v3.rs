@@ -129,13 +129,18 @@ fn the_commit_window_is_long_at_low_rates_short_under_load_and_skipped_for_close
     assert_eq!(Pace::default().window_for(zero.commit_window, 1, t0), None);
 }
 
+/// Default options with a commit window of `secs` seconds.
+fn windowed(secs: u64) -> OutboxOptions {
+    OutboxOptions {
+        commit_window: std::time::Duration::from_secs(secs),
+        ..OutboxOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn appends_that_come_during_the_window_share_its_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = OutboxOptions {
-        commit_window: std::time::Duration::from_secs(30),
-        ..OutboxOptions::default()
-    };
+    let opts = windowed(30);
     let (ob, th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
     let first = ob.submit(rec(1, 0)).await.unwrap();
     // The writer holds the first append's commit open for more; 63 more fill the group (64
@@ -174,10 +179,7 @@ async fn appends_that_come_during_the_window_share_its_commit() {
 async fn a_ping_neither_ends_the_commit_window_nor_forces_a_commit() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
-    let opts = OutboxOptions {
-        commit_window: Duration::from_secs(3),
-        ..OutboxOptions::default()
-    };
+    let opts = windowed(3);
     let (ob, _th) = Outbox::open_with(dir.path(), opts, noop()).unwrap();
     let first = ob.submit(rec(1, 0)).await.unwrap();
     // A ping inside the 3 s window: it is answered after the group's commit...
@@ -216,10 +218,7 @@ async fn a_ping_neither_ends_the_commit_window_nor_forces_a_commit() {
 #[tokio::test]
 async fn dropping_the_last_handle_ends_an_open_window_and_commits_it() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = OutboxOptions {
-        commit_window: std::time::Duration::from_secs(3600),
-        ..OutboxOptions::default()
-    };
+    let opts = windowed(3600);
     let (ob, th) = Outbox::open_with(dir.path(), opts.clone(), noop()).unwrap();
     let first = ob.submit(rec(1, 0)).await.unwrap();
     let second = ob.submit(rec(2, 0)).await.unwrap();

@@ -7,7 +7,7 @@ use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
 use super::pace::WINDOW_ROWS;
 use super::schema::{free_disk, is_corruption, ROW_OVERHEAD};
 use super::{
-    Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, Notifier, OutboxError, OutboxOptions,
+    Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, OutboxError, OutboxOptions,
     OutboxStats, Req, Row, MAX_BATCH,
 };
 use crate::timing::now_ms;
@@ -31,7 +31,6 @@ pub(super) struct Writer {
     pub(super) next_id: i64,
     /// The sequence numbers' high-water mark outside the database.
     pub(super) floor: super::seqfloor::SeqFloor,
-    pub(super) notifier: Notifier,
     pub(super) stats: Arc<OutboxStats>,
     /// In a burst of bound-enforcing drops (to log once per burst).
     pub(super) dropping: bool,
@@ -49,10 +48,9 @@ pub(super) struct Writer {
     pub(super) unsynced_from: HashMap<i64, i64>,
     /// Wakes the checkpointer when a commit makes something due.
     pub(super) nudge: super::checkpoint::Nudge,
-    /// Where a commit's answers go in one hand-off (`None`: no runtime at open; the writer
-    /// answers itself), and their buffer.
-    pub(super) answers: Option<Arc<super::answers::Answers>>,
-    pub(super) replies: Vec<super::answers::Answer>,
+    /// Where a commit's answers go, in one hand-off, and their buffer.
+    pub(super) answers: super::answers::Answers,
+    pub(super) replies: Vec<CommitReply>,
 }
 
 impl Writer {
@@ -149,10 +147,6 @@ impl Writer {
             }
             if !appends.is_empty() {
                 self.pace.grouped(appends.len(), Instant::now());
-                self.pace
-                    .shared
-                    .queued
-                    .fetch_sub(appends.len(), std::sync::atomic::Ordering::Relaxed);
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));
@@ -210,21 +204,10 @@ impl Writer {
                             if !touched.contains(&rec.device) {
                                 touched.push(rec.device);
                             }
-                            if self.answers.is_some() {
-                                self.replies.push((tx, Ok(())));
-                            } else {
-                                let _ = tx.send(Ok(()));
-                            }
+                            self.replies.push(tx);
                         }
                         self.pace.answered(&touched, Instant::now());
-                        match &self.answers {
-                            Some(a) => a.hand_over(&mut self.replies, &touched),
-                            None => {
-                                for d in &touched {
-                                    (self.notifier)(*d);
-                                }
-                            }
-                        }
+                        self.answers.hand_over(&mut self.replies, &touched);
                     }
                     Err(e) => {
                         self.stats.commit_errors.fetch_add(1, Relaxed);
@@ -259,9 +242,7 @@ impl Writer {
                 tracing::warn!(error = %e, "cannot delete acknowledged rows at shutdown; they will be sent again");
             }
         }
-        if let Some(a) = &self.answers {
-            a.close();
-        }
+        self.answers.close();
         if let Err(e) = self.store_seqs_and_stop() {
             tracing::warn!(error = %e, "cannot store the sequence numbers at shutdown; _seq continues at the seq-floor mark next time (a gap, never a repeat)");
         }

@@ -252,6 +252,16 @@ async fn mosquitto(
     extra: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> (tokio::process::Child, Conn) {
+    mosquitto_with_keepalive(bin, dir, extra, tls, 5).await
+}
+
+async fn mosquitto_with_keepalive(
+    bin: &str,
+    dir: &std::path::Path,
+    extra: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    keepalive_secs: u16,
+) -> (tokio::process::Child, Conn) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -276,8 +286,8 @@ async fn mosquitto(
     let mut last = None;
     for _ in 0..100 {
         let mut c = Connect::new("modehub-wire-test");
-        c.keep_alive = 5;
-        match Conn::open(&t, &c, limits(5_000)).await {
+        c.keep_alive = keepalive_secs;
+        match Conn::open(&t, &c, limits(u64::from(keepalive_secs) * 1000)).await {
             Ok((conn, ack)) => {
                 assert_eq!(ack.code, ConnectReturnCode::Success);
                 return (broker, conn);
@@ -324,6 +334,39 @@ async fn against_a_stock_mosquitto() {
     let Some(bin) = mosquitto_bin() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (mut broker, mut conn) = mosquitto(bin, dir.path(), "", None).await;
+    round_trip(&mut conn).await;
+    conn.close().await;
+    let _ = broker.kill().await;
+}
+
+/// Mosquitto enforces the keepalive we declare (it drops a client silent for 1.5x of it): with
+/// a 1 s keepalive the connection lives through publishes with no PINGREQ between them, then
+/// through idle seconds kept alive by PINGREQs, and still works at the end.
+#[tokio::test]
+async fn a_stock_mosquitto_keeps_us_through_traffic_and_idle_time() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, mut conn) = mosquitto_with_keepalive(bin, dir.path(), "", None, 1).await;
+    let mut pongs = 0;
+    let mut pkid = 10;
+    // ~3 keepalives of publishes every 0.3 s, then ~3 idle keepalives.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        if started.elapsed() < Duration::from_secs(3) {
+            pkid += 1;
+            conn.send_publish_qos1(pkid, "t/2", b"x").unwrap();
+        }
+        let until = Instant::now() + Duration::from_millis(300);
+        loop {
+            match conn.next(Some(until)).await {
+                Ok(Event::Deadline) => break,
+                Ok(Event::Packet(Packet::PingResp)) => pongs += 1,
+                Ok(Event::Packet(_)) => {}
+                Err(e) => panic!("mosquitto dropped us after {:?}: {e}", started.elapsed()),
+            }
+        }
+    }
+    assert!(pongs >= 1, "idle time without a PINGREQ answered");
     round_trip(&mut conn).await;
     conn.close().await;
     let _ = broker.kill().await;

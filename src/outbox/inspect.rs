@@ -76,7 +76,7 @@ pub fn inspect(data_dir: &Path, dead_limit: usize) -> Result<OutboxReport, Outbo
     let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let mut st = conn.prepare(
         "SELECT device, COUNT(*), SUM(kind = 0), SUM(kind != 0),
-                COALESCE(SUM(LENGTH(body) + LENGTH(key)), 0), MIN(created_at), MIN(captured_at),
+                COALESCE(SUM(octet_length(body) + octet_length(key)), 0), MIN(created_at), MIN(captured_at),
                 SUM(synced = 0)
          FROM outbox GROUP BY device ORDER BY device",
     )?;

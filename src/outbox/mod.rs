@@ -32,6 +32,8 @@ mod tests;
 mod tests_v3;
 #[cfg(test)]
 mod tests_v4;
+#[cfg(test)]
+mod tests_v5;
 mod writer;
 
 pub use crate::local::{Capture, Kind, KvChange, KvSnapshot, Row};
@@ -358,6 +360,7 @@ impl Outbox {
             dropping: false,
             pace,
             unsynced_from: start.unsynced_from,
+            spans: start.spans,
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())

@@ -17,6 +17,16 @@ const LOW_RATE: f64 = 50.0;
 /// 1.25x the CPU per event at 1,000 msg/s, 1.5 ms the old figures with 12 % fewer wake-ups, for
 /// ~0.4 ms more p99 there (issue 12, docs/BENCHMARKS.md).
 pub(super) const SHORT_WINDOW: Duration = Duration::from_micros(1500);
+/// At or above this many appends a second a group's window starts when the previous commit
+/// ends, not at its first append ([`Pace::ticking`]): the writer sleeps one [`SHORT_WINDOW`]
+/// parked and then commits what came, so no append has to wake it (a system call for the
+/// submitter and a wake-up for the writer per commit; issue 12, CPU at 1,000 msg/s). At this
+/// rate a window holds one append or more on average; the first empty one ends the ticking.
+const TICK_RATE: f64 = 600.0;
+/// The window of a tick: 2 ms, so that at 1,000 msg/s a commit still takes two events as the
+/// 1.5 ms window from the first append did (a commit every 2 ms either way), with half the
+/// wait on average.
+pub(super) const TICK: Duration = Duration::from_millis(2);
 /// A window ends when this many rows are waiting.
 pub(super) const WINDOW_ROWS: usize = 64;
 /// A device that sends again this soon after its last PUBACK is taken to wait for each PUBACK
@@ -90,6 +100,17 @@ impl Pace {
         }
         let span = RATE_BUCKET + now.saturating_duration_since(self.bucket_at.unwrap_or(now));
         (self.previous + self.current) as f64 / span.as_secs_f64()
+    }
+
+    /// How long the writer, just done with a commit of appends at `now`, should wait parked
+    /// for the next group instead of waiting for its first append on the channel; `None`: wait
+    /// on the channel (see [`TICK_RATE`]).
+    pub(super) fn tick(&mut self, commit_window: Duration, now: Instant) -> Option<Duration> {
+        if commit_window.is_zero() || self.rate(now) < TICK_RATE {
+            return None;
+        }
+        self.shared.long.store(false, Relaxed);
+        Some(commit_window.min(TICK))
     }
 
     /// Where the window of a group whose first append (of `device`) came at `now` ends;

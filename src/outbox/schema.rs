@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 /// Rough per-row overhead counted against `max_bytes` (row header, index entries).
 pub(super) const ROW_OVERHEAD: u64 = 48;
 
@@ -112,6 +112,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "
     DROP INDEX IF EXISTS outbox_unsynced;
 ",
+    // v5 (issue 12): no `outbox_device` index. Each commit rewrote the index's last leaf of
+    // every device in it (at home, ten events of ten devices: ten index pages besides the
+    // table's one). A device's rows are read by rowid between the bounds the writer keeps in
+    // memory (`Start::spans`), and the per-device totals come from one scan by rowid.
+    "
+    DROP INDEX IF EXISTS outbox_device;
+",
 ];
 
 /// Where the writer starts: the next id to hand out (above every row and dead letter, and above
@@ -131,6 +138,32 @@ pub(super) struct Start {
     pub(super) seq_dirty: bool,
     /// Per boot, the lowest id of a row captured before the clock was synchronised.
     pub(super) unsynced_from: HashMap<i64, i64>,
+    /// Per device, the lowest and the highest id of its rows.
+    pub(super) spans: HashMap<u64, Span>,
+}
+
+/// Bounds on the ids of a device's rows (no index: a read of its rows scans the table by rowid
+/// between them). Widened by every insert, never narrowed by a delete, so every row of the
+/// device is within them; a read after `last` needs no scan at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Span {
+    pub(super) first: i64,
+    pub(super) last: i64,
+}
+
+impl Span {
+    pub(super) fn widen(spans: &mut HashMap<u64, Span>, device: u64, id: i64) {
+        spans
+            .entry(device)
+            .and_modify(|s| {
+                s.first = s.first.min(id);
+                s.last = s.last.max(id);
+            })
+            .or_insert(Span {
+                first: id,
+                last: id,
+            });
+    }
 }
 
 pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
@@ -163,35 +196,29 @@ pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
             raise(d, s);
         }
     }
-    // One pass over the outbox (a backlog can be a million rows on an SD card): per device the
-    // next `_seq`, the totals, and per boot the first row captured before the clock was set.
+    // One pass over the outbox by rowid (a backlog can be a million rows on an SD card; no
+    // GROUP BY, which would sort them in a temporary file): per device the next `_seq` and the
+    // bounds of its ids, the totals, and per boot the first row captured before the clock was
+    // set.
     let (mut rows, mut bytes) = (0u64, 0u64);
     let mut unsynced_from: HashMap<i64, i64> = HashMap::new();
+    let mut spans: HashMap<u64, Span> = HashMap::new();
     {
         let mut st = conn.prepare(
-            "SELECT device, MAX(dev_seq) + 1, COUNT(*), SUM(LENGTH(body) + LENGTH(key)),
-                    CASE WHEN synced = 0 THEN boot_id END AS unsynced_boot, MIN(id)
-             FROM outbox GROUP BY device, unsynced_boot",
+            "SELECT id, device, dev_seq, octet_length(body) + octet_length(key), synced, boot_id
+             FROM outbox ORDER BY id",
         )?;
-        let groups = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })?;
-        for g in groups {
-            let (d, s, n, len, boot, first) = g?;
-            raise(d, s);
-            rows += n as u64;
-            bytes += len as u64;
-            if let Some(boot) = boot {
-                let from = unsynced_from.entry(boot).or_insert(first);
-                *from = (*from).min(first);
+        let mut all = st.query([])?;
+        while let Some(r) = all.next()? {
+            let (id, d): (i64, i64) = (r.get(0)?, r.get(1)?);
+            raise(d, r.get::<_, i64>(2)? + 1);
+            rows += 1;
+            bytes += r.get::<_, i64>(3)? as u64;
+            if !r.get::<_, bool>(4)? {
+                // In id order: the first one seen is the lowest.
+                unsynced_from.entry(r.get(5)?).or_insert(id);
             }
+            Span::widen(&mut spans, d as u64, id);
         }
     }
     let seq_dirty: i64 = conn.query_row(
@@ -207,6 +234,7 @@ pub(super) fn load_start(conn: &Connection) -> rusqlite::Result<Start> {
         stored_seqs,
         seq_dirty: seq_dirty != 0,
         unsynced_from,
+        spans,
     })
 }
 

@@ -171,7 +171,7 @@ async fn append_fetch_ack_keeps_fifo_and_seq_across_reopen() {
     );
 }
 
-fn kv(device: u64, kind: Kind, key: &str, body: &str) -> NewRecord {
+pub(super) fn kv(device: u64, kind: Kind, key: &str, body: &str) -> NewRecord {
     NewRecord {
         device,
         kind,

@@ -5,7 +5,7 @@
 
 use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
 use super::pace::WINDOW_ROWS;
-use super::schema::{free_disk, is_corruption, ROW_OVERHEAD};
+use super::schema::{free_disk, is_corruption, Span, ROW_OVERHEAD};
 use super::{
     Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, OutboxError, OutboxOptions,
     OutboxStats, Req, Row, MAX_BATCH,
@@ -46,6 +46,8 @@ pub(super) struct Writer {
     /// Per boot, the lowest id of a row captured before the clock was synchronised (where
     /// `repair_capture` starts; no index on disk).
     pub(super) unsynced_from: HashMap<i64, i64>,
+    /// Per device, bounds on the ids of its rows (`schema::Span`; no index on disk).
+    pub(super) spans: HashMap<u64, Span>,
     /// Wakes the checkpointer when a commit makes something due.
     pub(super) nudge: super::checkpoint::Nudge,
     /// Where a commit's answers go, in one hand-off, and their buffer.
@@ -54,6 +56,38 @@ pub(super) struct Writer {
 }
 
 impl Writer {
+    /// Sleeps until the next request, or until the acknowledged rows waiting are due
+    /// (`Req::Wake` then); `None`: the channel is closed.
+    fn wait_for_request(
+        &self,
+        rx: &mut mpsc::Receiver<Req>,
+        timer: &tokio::runtime::Runtime,
+        acks_due: &mut Option<Instant>,
+    ) -> Option<Req> {
+        if acks_due.is_none() {
+            // Going to sleep without a deadline: an acknowledgement must wake us. Checked
+            // after setting the flag, so one that came just before is not missed.
+            self.acked.writer_idle.store(true, Relaxed);
+            if !self.acked.ids.lock().expect("acked lock").is_empty() {
+                self.acked.writer_idle.store(false, Relaxed);
+                *acks_due = Some(Instant::now() + ACK_DELAY);
+            }
+        }
+        let first = match *acks_due {
+            None => rx.blocking_recv(),
+            Some(due) => {
+                let wait = due.saturating_duration_since(Instant::now());
+                match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(r) => r,
+                    // Time to delete the acknowledged rows.
+                    Err(_) => Some(Req::Wake),
+                }
+            }
+        };
+        self.acked.writer_idle.store(false, Relaxed);
+        first
+    }
+
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Req>) {
         let mut appends: Vec<(NewRecord, CommitReply)> = Vec::new();
         let mut jobs: Vec<Job> = Vec::new();
@@ -68,33 +102,21 @@ impl Writer {
         // When the acknowledged rows waiting (in `self.acks` or `self.acked`) must be deleted
         // even if no append comes; `None`: sleep until a request comes.
         let mut acks_due: Option<Instant> = None;
+        // Under steady load, where the next group's window ends (`pace::Pace::tick`): it starts
+        // when the last commit ended, and the writer waits it out parked, so appends need not
+        // wake it.
+        let mut tick: Option<Instant> = None;
         loop {
-            if acks_due.is_none() {
-                // Going to sleep without a deadline: an acknowledgement must wake us. Checked
-                // after setting the flag, so one that came just before is not missed.
-                self.acked.writer_idle.store(true, Relaxed);
-                if !self.acked.ids.lock().expect("acked lock").is_empty() {
-                    self.acked.writer_idle.store(false, Relaxed);
-                    acks_due = Some(Instant::now() + ACK_DELAY);
-                }
-            }
-            let first = match acks_due {
-                None => rx.blocking_recv(),
-                Some(due) => {
-                    let wait = due.saturating_duration_since(Instant::now());
-                    match timer.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                        Ok(r) => r,
-                        // Time to delete the acknowledged rows.
-                        Err(_) => Some(Req::Wake),
-                    }
-                }
-            };
-            self.acked.writer_idle.store(false, Relaxed);
-            let Some(first) = first else { break };
-            let mut next = Some(first);
+            let mut next = None;
             // Group commit: take everything already queued, up to a bound; at low rates wait a
             // bounded window for more (`window_for`).
-            let mut window: Option<Instant> = None;
+            let mut window: Option<Instant> = tick.take();
+            if window.is_none() {
+                let Some(first) = self.wait_for_request(&mut rx, &timer, &mut acks_due) else {
+                    break;
+                };
+                next = Some(first);
+            }
             loop {
                 while let Some(req) = next.take() {
                     match req {
@@ -145,8 +167,9 @@ impl Writer {
                 // job) unparks it, and so does dropping the last handle (`WriterWake`).
                 std::thread::park_timeout(wait);
             }
-            if !appends.is_empty() {
-                self.pace.grouped(appends.len(), Instant::now());
+            let grouped = appends.len();
+            if grouped > 0 {
+                self.pace.grouped(grouped, Instant::now());
             }
             self.acks
                 .append(&mut self.acked.ids.lock().expect("acked lock"));
@@ -222,6 +245,14 @@ impl Writer {
                         }
                     }
                 }
+            }
+            // A group of appends at a steady high rate: the next window starts now. One that
+            // found nothing ends the ticking.
+            if grouped > 0 {
+                tick = self
+                    .pace
+                    .tick(self.opts.commit_window, Instant::now())
+                    .map(|w| Instant::now() + w);
             }
             for tx in pings.drain(..) {
                 let _ = tx.send(());
@@ -346,7 +377,7 @@ impl Writer {
             // messages that give the same final state.
             let mut coalesce = tx.prepare_cached(
                 "DELETE FROM outbox WHERE device = ?1 AND kind != 0 AND key = ?2
-                 RETURNING LENGTH(body) + LENGTH(key)",
+                 RETURNING octet_length(body) + octet_length(key)",
             )?;
             // Acknowledged rows go first: the space they free in the table's and the index's
             // last pages takes the new rows, so a commit rewrites fewer pages (at home rates,
@@ -407,6 +438,7 @@ impl Writer {
                     rec.captured.boot_id,
                     rec.captured.mono_ms
                 ])?;
+                Span::widen(&mut self.spans, rec.device, id);
                 self.committed.push((
                     rec.device,
                     (rec.kind == Kind::Event).then(|| Row {
@@ -459,7 +491,7 @@ impl Writer {
                 .prepare_cached(
                     "DELETE FROM outbox WHERE id IN
                        (SELECT id FROM outbox WHERE kind = 0 ORDER BY id LIMIT ?1)
-                     RETURNING LENGTH(body) + LENGTH(key)",
+                     RETURNING octet_length(body) + octet_length(key)",
                 )?
                 .query_map([excess], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
@@ -495,7 +527,7 @@ impl Writer {
         )?;
         let len: Option<i64> = tx
             .query_row(
-                "DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(body) + LENGTH(key)",
+                "DELETE FROM outbox WHERE id = ?1 RETURNING octet_length(body) + octet_length(key)",
                 [id],
                 |r| r.get(0),
             )
@@ -533,6 +565,7 @@ impl Writer {
                     r.captured.mono_ms
                 ])?;
                 if added > 0 {
+                    Span::widen(&mut self.spans, r.device, r.id);
                     if !r.captured.synced {
                         let from = self.unsynced_from.entry(r.captured.boot_id).or_insert(r.id);
                         *from = (*from).min(r.id);
@@ -579,11 +612,17 @@ impl Writer {
         after: i64,
         limit: usize,
     ) -> Result<Vec<Row>, OutboxError> {
+        // By rowid between the device's bounds: no index (schema v5). A device that has had
+        // no row since `after` costs no read.
+        let Some(span) = self.spans.get(&device).filter(|s| s.last > after) else {
+            return Ok(Vec::new());
+        };
         let mut st = self.conn.prepare_cached(
             "SELECT id, kind, key, body, dev_seq, captured_at, synced, boot_id, mono_ms FROM outbox
-             WHERE device = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+             WHERE id > ?2 AND id <= ?4 AND device = ?1 ORDER BY id LIMIT ?3",
         )?;
-        let rows = st.query_map(params![device as i64, after, limit as i64], |r| {
+        let from = after.max(span.first - 1);
+        let rows = st.query_map(params![device as i64, from, limit as i64, span.last], |r| {
             Ok(Row {
                 id: r.get(0)?,
                 device,
@@ -602,22 +641,28 @@ impl Writer {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Per device: rows, bytes and the oldest row's age, from one scan by rowid (no GROUP BY:
+    /// without an index it would sort the whole outbox).
     pub(super) fn depth(&mut self) -> Result<HashMap<u64, DeviceDepth>, OutboxError> {
         let mut st = self.conn.prepare_cached(
-            "SELECT device, COUNT(*), SUM(LENGTH(body) + LENGTH(key)), MIN(created_at)
-             FROM outbox GROUP BY device",
+            "SELECT device, octet_length(body) + octet_length(key), created_at FROM outbox",
         )?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                DeviceDepth {
-                    rows: r.get::<_, i64>(1)? as u64,
-                    bytes: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as u64,
-                    oldest_ms: r.get(3)?,
-                },
-            ))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out: HashMap<u64, DeviceDepth> = HashMap::new();
+        let mut all = st.query([])?;
+        while let Some(r) = all.next()? {
+            let created: i64 = r.get(2)?;
+            let d = out
+                .entry(r.get::<_, i64>(0)? as u64)
+                .or_insert(DeviceDepth {
+                    rows: 0,
+                    bytes: 0,
+                    oldest_ms: Some(created),
+                });
+            d.rows += 1;
+            d.bytes += r.get::<_, i64>(1)? as u64;
+            d.oldest_ms = Some(d.oldest_ms.map_or(created, |o| o.min(created)));
+        }
+        Ok(out)
     }
 }
 

@@ -361,6 +361,7 @@ impl Outbox {
             pace,
             unsynced_from: start.unsynced_from,
             spans: start.spans,
+            disk: None,
         };
         let handle = std::thread::Builder::new()
             .name("outbox".into())

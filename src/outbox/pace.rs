@@ -1,5 +1,6 @@
 //! The commit window's rule: how long the writer holds a group commit open for more appends,
-//! from the arrival rate and from when each device last got its answer, and which appends must
+//! from the arrival rate and from when each device last got its answer (under a steady high rate
+//! the next window starts at the last commit: the tick), and which appends must
 //! wake the writer during a window ([`Shared::ends_window`]; the others wait for its end
 //! unseen). It must not touch the database or the channel (the writer does).
 
@@ -18,8 +19,8 @@ const LOW_RATE: f64 = 50.0;
 /// ~0.4 ms more p99 there (issue 12, docs/BENCHMARKS.md).
 pub(super) const SHORT_WINDOW: Duration = Duration::from_micros(1500);
 /// At or above this many appends a second a group's window starts when the previous commit
-/// ends, not at its first append ([`Pace::ticking`]): the writer sleeps one [`SHORT_WINDOW`]
-/// parked and then commits what came, so no append has to wake it (a system call for the
+/// ends, not at its first append ([`Pace::tick`]): the writer sleeps one [`TICK`] parked
+/// and then commits what came, so no append has to wake it (a system call for the
 /// submitter and a wake-up for the writer per commit; issue 12, CPU at 1,000 msg/s). At this
 /// rate a window holds one append or more on average; the first empty one ends the ticking.
 const TICK_RATE: f64 = 600.0;

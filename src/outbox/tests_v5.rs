@@ -200,3 +200,27 @@ async fn a_steady_stream_is_committed_whole_while_ticking_and_stops_at_once() {
         .await
         .unwrap();
 }
+
+#[test]
+fn the_free_space_is_read_again_when_old_near_the_floor_or_after_much_was_appended() {
+    use super::writer::DiskReading;
+    use std::time::{Duration, Instant};
+    let t0 = Instant::now();
+    let mib = 1024 * 1024;
+    let r = |free: u64, appended: u64| DiskReading {
+        at: t0,
+        free,
+        appended,
+    };
+    let min = 64 * mib;
+    // A wide margin, just read, little appended: no system call.
+    assert!(r(10_000 * mib, mib).fresh(t0 + Duration::from_millis(100), min));
+    // Too old.
+    assert!(!r(10_000 * mib, 0).fresh(t0 + DiskReading::MAX_AGE, min));
+    // Appended an eighth of the margin: read again.
+    assert!(!r(min + 80 * mib, 10 * mib).fresh(t0, min));
+    assert!(r(min + 80 * mib, 9 * mib).fresh(t0, min));
+    // Under the floor (or on it): every commit reads again, so space coming back is seen.
+    assert!(!r(min, 0).fresh(t0, min));
+    assert!(!r(mib, 0).fresh(t0, min));
+}

@@ -48,11 +48,72 @@ pub(super) struct Writer {
     pub(super) unsynced_from: HashMap<i64, i64>,
     /// Per device, bounds on the ids of its rows (`schema::Span`; no index on disk).
     pub(super) spans: HashMap<u64, Span>,
+    /// The data disk's free space as last read (`check_disk`).
+    pub(super) disk: Option<DiskReading>,
     /// Wakes the checkpointer when a commit makes something due.
     pub(super) nudge: super::checkpoint::Nudge,
     /// Where a commit's answers go, in one hand-off, and their buffer.
     pub(super) answers: super::answers::Answers,
     pub(super) replies: Vec<CommitReply>,
+}
+
+/// A group commit's transaction, begun and ended with cached statements:
+/// `Connection::transaction` parses "BEGIN" and "COMMIT" anew for every commit (~1 % of the
+/// hub's CPU at 1,000 msg/s). Rolled back when dropped uncommitted.
+struct Txn<'c> {
+    conn: &'c Connection,
+}
+
+impl<'c> Txn<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN")?.execute([])?;
+        Ok(Txn { conn })
+    }
+
+    fn commit(self) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Txn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        // Committed (or ended by SQLite itself after an error): nothing to undo.
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+/// The data disk's free space as last read, and the bytes of rows appended since.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DiskReading {
+    pub(super) at: Instant,
+    pub(super) free: u64,
+    pub(super) appended: u64,
+}
+
+impl DiskReading {
+    /// Read again after this long at the latest.
+    pub(super) const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Whether this reading still tells that appends are safe: above the floor `min`, younger
+    /// than `MAX_AGE`, and with a margin above the floor wider than 8 times the rows appended
+    /// since (the WAL, the checkpoint and the pages around a row write more than the row).
+    /// A reading under the floor is never fresh, so space coming back is seen at once.
+    pub(super) fn fresh(&self, now: Instant, min: u64) -> bool {
+        let margin = self.free.saturating_sub(min);
+        margin > 0
+            && now.saturating_duration_since(self.at) < Self::MAX_AGE
+            && self.appended.saturating_mul(8) < margin
+    }
 }
 
 impl Writer {
@@ -194,7 +255,11 @@ impl Writer {
                 acks_due.or(Some(Instant::now() + ACK_DELAY))
             };
             if !appends.is_empty() {
-                if let Err(e) = self.check_disk() {
+                let bytes = appends
+                    .iter()
+                    .map(|(r, _)| (r.body.len() + r.key.len()) as u64 + ROW_OVERHEAD)
+                    .sum();
+                if let Err(e) = self.check_disk(bytes) {
                     self.stats
                         .refused_disk_full
                         .fetch_add(appends.len() as u64, Relaxed);
@@ -300,10 +365,25 @@ impl Writer {
     }
 
     /// Refuses new data while the disk is below the watermark; resumes by itself.
-    pub(super) fn check_disk(&mut self) -> Result<(), OutboxError> {
+    /// Refuses `appended` more bytes of rows when the data disk's free space is under the floor.
+    /// The free space is read again (a `statvfs` call) only when the last reading is stale
+    /// (`DiskReading::fresh`): at 1,000 msg/s a call per commit was 2 % of the hub's CPU.
+    pub(super) fn check_disk(&mut self, appended: u64) -> Result<(), OutboxError> {
+        let now = Instant::now();
+        if let Some(r) = &mut self.disk {
+            r.appended += appended;
+            if r.fresh(now, self.opts.min_free_disk) {
+                return Ok(());
+            }
+        }
         let Some(free) = free_disk(&self.dir) else {
             return Ok(());
         };
+        self.disk = Some(DiskReading {
+            at: now,
+            free,
+            appended: 0,
+        });
         let full = free < self.opts.min_free_disk;
         let was = self.stats.disk_full.swap(full as u64, Relaxed) == 1;
         if full {
@@ -363,7 +443,7 @@ impl Writer {
                 path: self.dir.join(super::seqfloor::FILE),
                 source,
             })?;
-        let tx = self.conn.transaction()?;
+        let tx = Txn::begin(&self.conn)?;
         let mut rows_delta: i64 = 0;
         let mut bytes_delta: i64 = 0;
         let mut coalesced = 0u64;

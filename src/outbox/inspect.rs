@@ -74,26 +74,42 @@ pub fn inspect(data_dir: &Path, dead_limit: usize) -> Result<OutboxReport, Outbo
     })?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let schema_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let mut st = conn.prepare(
-        "SELECT device, COUNT(*), SUM(kind = 0), SUM(kind != 0),
-                COALESCE(SUM(octet_length(body) + octet_length(key)), 0), MIN(created_at), MIN(captured_at),
-                SUM(synced = 0)
-         FROM outbox GROUP BY device ORDER BY device",
-    )?;
-    let devices = st
-        .query_map([], |r| {
-            Ok(DeviceReport {
-                device: r.get::<_, i64>(0)? as u64,
-                rows: r.get::<_, i64>(1)? as u64,
-                events: r.get::<_, i64>(2)? as u64,
-                kv_changes: r.get::<_, i64>(3)? as u64,
-                bytes: r.get::<_, i64>(4)? as u64,
-                oldest_created_ms: r.get(5)?,
-                oldest_captured_ms: r.get(6)?,
-                unsynced: r.get::<_, i64>(7)? as u64,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    // One scan by rowid, summed here: without an index on the device (schema v5) a GROUP BY
+    // would sort the whole outbox, in a temporary file for a large backlog.
+    let mut by_device: std::collections::BTreeMap<u64, DeviceReport> = Default::default();
+    {
+        let mut st = conn.prepare(
+            "SELECT device, kind, octet_length(body) + octet_length(key), created_at,
+                    captured_at, synced
+             FROM outbox",
+        )?;
+        let mut all = st.query([])?;
+        while let Some(r) = all.next()? {
+            let device = r.get::<_, i64>(0)? as u64;
+            let (created, captured): (i64, i64) = (r.get(3)?, r.get(4)?);
+            let d = by_device.entry(device).or_insert(DeviceReport {
+                device,
+                rows: 0,
+                events: 0,
+                kv_changes: 0,
+                bytes: 0,
+                oldest_created_ms: Some(created),
+                oldest_captured_ms: Some(captured),
+                unsynced: 0,
+            });
+            d.rows += 1;
+            if r.get::<_, i64>(1)? == 0 {
+                d.events += 1;
+            } else {
+                d.kv_changes += 1;
+            }
+            d.bytes += r.get::<_, i64>(2)? as u64;
+            d.oldest_created_ms = d.oldest_created_ms.min(Some(created));
+            d.oldest_captured_ms = d.oldest_captured_ms.min(Some(captured));
+            d.unsynced += u64::from(!r.get::<_, bool>(5)?);
+        }
+    }
+    let devices: Vec<DeviceReport> = by_device.into_values().collect();
     let dead_letters_total: i64 =
         conn.query_row("SELECT COUNT(*) FROM dead_letter", [], |r| r.get(0))?;
     let pending_commands: i64 =

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 pub(super) const SCHEMA_VERSION: i64 = 5;
-/// Rough per-row overhead counted against `max_bytes` (row header, index entries).
+/// Rough per-row overhead counted against `max_bytes` (row header, the cell, the `kv` index
+/// entry of a kv change).
 pub(super) const ROW_OVERHEAD: u64 = 48;
 
 /// Each entry migrates the schema from version `index` to `index + 1`.

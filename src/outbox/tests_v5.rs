@@ -224,3 +224,45 @@ fn the_free_space_is_read_again_when_old_near_the_floor_or_after_much_was_append
     assert!(!r(min, 0).fresh(t0, min));
     assert!(!r(mib, 0).fresh(t0, min));
 }
+
+#[tokio::test]
+async fn a_read_from_the_start_narrows_a_devices_bounds_to_the_rows_left() {
+    // Without this a device whose rows MODE acknowledged kept its old lower bound, and every
+    // new session's read from the start scanned the other devices' rows from there again.
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, _th) = Outbox::open(dir.path(), false, noop()).unwrap();
+    for n in 0..10 {
+        ob.append(rec(1 + (n % 2) as u64, n)).await.unwrap();
+    }
+    let span = |ob: &Outbox| {
+        let ob = ob.clone();
+        async move { ob.job(|w| Ok(w.spans.get(&1).copied())).await.unwrap() }
+    };
+    let ones = ob.fetch(1, 0, 100).await.unwrap();
+    assert_eq!(ones.len(), 5);
+    let before = span(&ob).await.unwrap();
+    assert_eq!((before.first, before.last), (ones[0].id, ones[4].id));
+    for r in &ones[..3] {
+        ob.ack(r.id).await;
+    }
+    // Deleted with the next commit (a job forces it), then a read from the start.
+    assert_eq!(ob.depth().await.unwrap()[&1].rows, 2);
+    assert_eq!(ob.fetch(1, 0, 100).await.unwrap(), ones[3..].to_vec());
+    assert_eq!(span(&ob).await.unwrap().first, ones[3].id);
+    // A read from a cursor learns nothing about the start.
+    assert_eq!(
+        ob.fetch(1, ones[3].id, 100).await.unwrap(),
+        ones[4..].to_vec()
+    );
+    assert_eq!(span(&ob).await.unwrap().first, ones[3].id);
+    for r in &ones[3..] {
+        ob.ack(r.id).await;
+    }
+    assert!(!ob.depth().await.unwrap().contains_key(&1));
+    assert!(ob.fetch(1, 0, 100).await.unwrap().is_empty());
+    assert_eq!(span(&ob).await, None, "no rows left");
+    // The other device is untouched, and a new row of device 1 is found.
+    assert_eq!(ob.fetch(2, 0, 100).await.unwrap().len(), 5);
+    ob.append(rec(1, 99)).await.unwrap();
+    assert_eq!(ob.fetch(1, 0, 100).await.unwrap().len(), 1);
+}

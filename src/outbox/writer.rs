@@ -164,8 +164,8 @@ impl Writer {
         // even if no append comes; `None`: sleep until a request comes.
         let mut acks_due: Option<Instant> = None;
         // Under steady load, where the next group's window ends (`pace::Pace::tick`): it starts
-        // when the last commit ended, and the writer waits it out parked, so appends need not
-        // wake it.
+        // once the last commit is answered (the reads and jobs that came with it run inside
+        // it), and the writer waits it out parked, so appends need not wake it.
         let mut tick: Option<Instant> = None;
         loop {
             let mut next = None;
@@ -301,6 +301,8 @@ impl Writer {
                         self.stats.commit_errors.fetch_add(1, Relaxed);
                         let e = self.classify(e);
                         tracing::error!(error = %e, rows = appends.len(), "outbox commit failed; nothing was acknowledged");
+                        // The disk may be what failed: read its free space again next time.
+                        self.disk = None;
                         // The failed commit's sequence numbers are not handed out again: a
                         // gap, never a repeat (the seq-floor mark already covers them).
                         self.committed.clear();
@@ -364,7 +366,6 @@ impl Writer {
         e
     }
 
-    /// Refuses new data while the disk is below the watermark; resumes by itself.
     /// Refuses `appended` more bytes of rows when the data disk's free space is under the floor.
     /// The free space is read again (a `statvfs` call) only when the last reading is stale
     /// (`DiskReading::fresh`): at 1,000 msg/s a call per commit was 2 % of the hub's CPU.
@@ -379,10 +380,11 @@ impl Writer {
         let Some(free) = free_disk(&self.dir) else {
             return Ok(());
         };
+        // The group about to be written counts against this reading too.
         self.disk = Some(DiskReading {
             at: now,
             free,
-            appended: 0,
+            appended,
         });
         let full = free < self.opts.min_free_disk;
         let was = self.stats.disk_full.swap(full as u64, Relaxed) == 1;
@@ -459,8 +461,8 @@ impl Writer {
                 "DELETE FROM outbox WHERE device = ?1 AND kind != 0 AND key = ?2
                  RETURNING octet_length(body) + octet_length(key)",
             )?;
-            // Acknowledged rows go first: the space they free in the table's and the index's
-            // last pages takes the new rows, so a commit rewrites fewer pages (at home rates,
+            // Acknowledged rows go first: the space they free in the table's last pages takes
+            // the new rows, so a commit rewrites fewer pages (at home rates,
             // where each commit deletes the previous one's rows, about half as many).
             let mut del = tx.prepare_cached(
                 "DELETE FROM outbox WHERE id = ?1 RETURNING device, kind, key, body",
@@ -702,7 +704,8 @@ impl Writer {
              WHERE id > ?2 AND id <= ?4 AND device = ?1 ORDER BY id LIMIT ?3",
         )?;
         let from = after.max(span.first - 1);
-        let rows = st.query_map(params![device as i64, from, limit as i64, span.last], |r| {
+        let (first, last) = (span.first, span.last);
+        let rows = st.query_map(params![device as i64, from, limit as i64, last], |r| {
             Ok(Row {
                 id: r.get(0)?,
                 device,
@@ -718,7 +721,23 @@ impl Writer {
                 },
             })
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows: Vec<Row> = rows.collect::<Result<_, _>>()?;
+        // A read from the device's lower bound learns where its rows start now (a delete never
+        // narrows the bounds), so the next read from the start (each new session's) does not
+        // scan again past what MODE acknowledged. Nothing up to the upper bound: no rows left.
+        if after < first && limit > 0 {
+            match rows.first() {
+                Some(r) => {
+                    if let Some(s) = self.spans.get_mut(&device) {
+                        s.first = r.id;
+                    }
+                }
+                None => {
+                    self.spans.remove(&device);
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// Per device: rows, bytes and the oldest row's age, from one scan by rowid (no GROUP BY:

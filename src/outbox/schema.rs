@@ -15,6 +15,12 @@ pub(super) const SCHEMA_VERSION: i64 = 5;
 /// entry of a kv change).
 pub(super) const ROW_OVERHEAD: u64 = 48;
 
+/// What a row of `body` and `key` counts against `max_bytes` (the same as
+/// `octet_length(body) + octet_length(key)` plus [`ROW_OVERHEAD`] in SQL).
+pub(super) fn counted(body: &str, key: &str) -> u64 {
+    (body.len() + key.len()) as u64 + ROW_OVERHEAD
+}
+
 /// Each entry migrates the schema from version `index` to `index + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
     "

@@ -5,7 +5,7 @@
 
 use super::handoff::{Acked, Handoff, ACK_BATCH, ACK_DELAY};
 use super::pace::WINDOW_ROWS;
-use super::schema::{free_disk, is_corruption, Span, ROW_OVERHEAD};
+use super::schema::{counted, free_disk, is_corruption, Span, ROW_OVERHEAD};
 use super::{
     Capture, CommitReply, DeviceDepth, Job, Kind, NewRecord, OutboxError, OutboxOptions,
     OutboxStats, Req, Row, MAX_BATCH,
@@ -255,10 +255,7 @@ impl Writer {
                 acks_due.or(Some(Instant::now() + ACK_DELAY))
             };
             if !appends.is_empty() {
-                let bytes = appends
-                    .iter()
-                    .map(|(r, _)| (r.body.len() + r.key.len()) as u64 + ROW_OVERHEAD)
-                    .sum();
+                let bytes = appends.iter().map(|(r, _)| counted(&r.body, &r.key)).sum();
                 if let Err(e) = self.check_disk(bytes) {
                     self.stats
                         .refused_disk_full
@@ -478,7 +475,7 @@ impl Writer {
                     .optional()?;
                 if let Some((device, kind, key, body)) = gone {
                     rows_delta -= 1;
-                    bytes_delta -= (body.len() + key.len()) as i64 + ROW_OVERHEAD as i64;
+                    bytes_delta -= counted(&body, &key) as i64;
                     // MODE has it now: the mirror reflects it until MODE says otherwise.
                     match Kind::from_i64(kind) {
                         Kind::Event => {}
@@ -534,7 +531,7 @@ impl Writer {
                     }),
                 ));
                 rows_delta += 1;
-                bytes_delta += (rec.body.len() + rec.key.len()) as i64 + ROW_OVERHEAD as i64;
+                bytes_delta += counted(&rec.body, &rec.key) as i64;
                 *seq += 1;
             }
         }
@@ -653,7 +650,7 @@ impl Writer {
                         *from = (*from).min(r.id);
                     }
                     n += 1;
-                    bytes += (r.body.len() + r.key.len()) as u64 + ROW_OVERHEAD;
+                    bytes += counted(&r.body, &r.key);
                 }
             }
         }
